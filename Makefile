@@ -1,0 +1,46 @@
+# The one vocabulary: CI calls these same targets.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install run test lint typecheck migrate seed fuzz format clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is required (set PYTHON=...)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+run: install
+	$(BIN)/wallet run
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check gateway admin tests
+	$(BIN)/ruff format --check gateway admin tests
+
+format: install
+	$(BIN)/ruff format gateway admin tests
+	$(BIN)/ruff check --fix gateway admin tests
+
+typecheck: install
+	$(BIN)/mypy
+
+migrate: install
+	$(BIN)/wallet migrate
+
+seed: install
+	$(BIN)/wallet seed
+
+# Fuzz the admin API of a running `make run` from its OpenAPI document (see README).
+fuzz: install
+	$(BIN)/python -m pytest -q tests/test_fuzz.py $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

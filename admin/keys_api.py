@@ -1,0 +1,172 @@
+"""`/keys`: add, list, show, change, rotate and delete stored API keys (masked only)."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from aiohttp import web
+
+from admin.auth import authenticated, owner_scope, source
+from admin.body import (
+    list_response,
+    optional_bool,
+    optional_str,
+    pagination,
+    read_object,
+    reject_unknown,
+)
+from gateway import keyformat, keys, services
+from gateway.appkeys import POOL, VAULT
+from gateway.errors import BadRequest, ValidationFailed
+from gateway.secret import Secret
+from gateway.vault import mask
+
+CREATE_FIELDS: Final = {"key", "service", "tier", "name", "priority", "enabled", "metadata"}
+UPDATE_FIELDS: Final = {
+    "key",
+    "tier",
+    "name",
+    "priority",
+    "enabled",
+    "metadata",
+    "status",
+    "service",
+}
+
+
+async def _resolve_service(request: web.Request, given: object, secret: Secret[str]) -> str:
+    async with request.app[POOL].acquire() as conn:
+        if given is not None:
+            if not isinstance(given, str):
+                raise ValidationFailed("service", "must be a service slug")
+            return (await services.get_service(conn, given)).slug
+        known, _ = await services.list_services(conn, 1000, 0)
+    slugs = {s.slug for s in known}
+    found = [c for c in keyformat.candidates(secret.reveal()) if c in slugs]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise BadRequest(
+            f"the key's format matches several services ({', '.join(found)}); "
+            "say which with `service`",
+            details={"candidates": found},
+        )
+    raise BadRequest(
+        "the key's format does not identify its service; say which with "
+        f"`service` (one of: {', '.join(sorted(slugs))})",
+        details={"candidates": sorted(slugs)},
+    )
+
+
+async def create(request: web.Request) -> web.Response:
+    user = await authenticated(request)
+    body = await read_object(request)
+    reject_unknown(body, CREATE_FIELDS)
+    secret = keys.validate_secret(body.get("key"))
+    service = await _resolve_service(request, body.get("service"), secret)
+    new = keys.NewKey(
+        owner_id=user.id,
+        service=service,
+        secret=secret,
+        tier=keys.validate_tier(body.get("tier", "paid")),
+        name=optional_str(body, "name") or f"{service} {mask(secret)}",
+        priority=keys.validate_priority(body.get("priority", 0)),
+        enabled=optional_bool(body, "enabled") is not False,
+        metadata=keys.validate_metadata(body.get("metadata"), secret),
+    )
+    if secret.reveal() in new.name:
+        raise ValidationFailed("name", "must not contain the key itself")
+    async with request.app[POOL].acquire() as conn:
+        record = await keys.create_key(conn, request.app[VAULT], user.actor(source(request)), new)
+    return web.json_response(record.to_json(), status=201)
+
+
+def _filter(request: web.Request, name: str, allowed: tuple[str, ...] | None) -> str | None:
+    value = request.query.get(name) or None
+    if value is not None and allowed is not None and value not in allowed:
+        raise ValidationFailed(name, f"must be one of {', '.join(allowed)}")
+    return value
+
+
+async def list_(request: web.Request) -> web.Response:
+    user = await authenticated(request)
+    limit, offset = pagination(request)
+    async with request.app[POOL].acquire() as conn:
+        items, total = await keys.list_keys(
+            conn,
+            owner_scope(user),
+            service=_filter(request, "service", None),
+            tier=_filter(request, "tier", keys.TIERS),
+            status=_filter(request, "status", keys.STATUSES),
+            limit=limit,
+            offset=offset,
+        )
+    return list_response([k.to_json() for k in items], total)
+
+
+async def show(request: web.Request) -> web.Response:
+    user = await authenticated(request)
+    async with request.app[POOL].acquire() as conn:
+        record = await keys.get_key(conn, owner_scope(user), request.match_info["id"])
+    return web.json_response(record.to_json())
+
+
+def _changes(body: dict[str, Any], secret: Secret[str] | None) -> dict[str, Any]:
+    changes: dict[str, Any] = {}
+    if "tier" in body:
+        changes["tier"] = keys.validate_tier(body["tier"])
+    if "name" in body:
+        changes["name"] = optional_str(body, "name")
+        if changes["name"] is None:
+            raise ValidationFailed("name", "must be a non-empty string")
+    if "priority" in body:
+        changes["priority"] = keys.validate_priority(body["priority"])
+    if "enabled" in body:
+        if not isinstance(body["enabled"], bool):
+            raise ValidationFailed("enabled", "must be true or false")
+        changes["enabled"] = body["enabled"]
+    if "metadata" in body:
+        changes["metadata"] = keys.validate_metadata(body["metadata"], secret)
+    if "status" in body:
+        if body["status"] != "active":
+            raise ValidationFailed("status", "can only be set back to active")
+        changes["status"] = "active"
+    return changes
+
+
+async def update(request: web.Request) -> web.Response:
+    user = await authenticated(request)
+    body = await read_object(request)
+    reject_unknown(body, UPDATE_FIELDS)
+    secret = keys.validate_secret(body["key"]) if "key" in body else None
+    async with request.app[POOL].acquire() as conn:
+        current = await keys.get_key(conn, owner_scope(user), request.match_info["id"])
+        if "service" in body and body["service"] != current.service:
+            raise ValidationFailed("service", "cannot change; add the key to the other service")
+        record = await keys.update_key(
+            conn,
+            request.app[VAULT],
+            user.actor(source(request)),
+            owner_scope(user),
+            current.id,
+            _changes(body, secret),
+            secret,
+        )
+    return web.json_response(record.to_json())
+
+
+async def delete(request: web.Request) -> web.Response:
+    user = await authenticated(request)
+    async with request.app[POOL].acquire() as conn:
+        await keys.delete_key(
+            conn, user.actor(source(request)), owner_scope(user), request.match_info["id"]
+        )
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/keys", create, name="keys.create")
+    app.router.add_get("/keys", list_, name="keys.list")
+    app.router.add_get("/keys/{id}", show, name="keys.show")
+    app.router.add_put("/keys/{id}", update, name="keys.update")
+    app.router.add_delete("/keys/{id}", delete, name="keys.delete")

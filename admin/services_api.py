@@ -1,0 +1,101 @@
+"""`/services`: the catalog of upstreams (any user reads; ADMIN adds and changes)."""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from aiohttp import web
+from yarl import URL
+
+from admin.auth import admin_only, authenticated, source
+from admin.body import list_response, optional_str, pagination, read_object, reject_unknown
+from gateway import services
+from gateway.appkeys import POOL, SETTINGS
+from gateway.errors import ValidationFailed
+
+CREATE_FIELDS: Final = {"slug", "name", "base_url", "auth", "hosts"}
+UPDATE_FIELDS: Final = {"name", "base_url", "auth", "hosts"}
+
+
+async def list_(request: web.Request) -> web.Response:
+    await authenticated(request)
+    limit, offset = pagination(request)
+    async with request.app[POOL].acquire() as conn:
+        items, total = await services.list_services(conn, limit, offset)
+    return list_response([s.to_json() for s in items], total)
+
+
+async def show(request: web.Request) -> web.Response:
+    await authenticated(request)
+    async with request.app[POOL].acquire() as conn:
+        service = await services.get_service(conn, request.match_info["slug"])
+    return web.json_response(service.to_json())
+
+
+def _changes(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+    allow_insecure = request.app[SETTINGS].allow_insecure_upstreams
+    changes: dict[str, Any] = {}
+    if "name" in body:
+        name = optional_str(body, "name")
+        if name is None:
+            raise ValidationFailed("name", "must be a non-empty string")
+        changes["name"] = name
+    if "base_url" in body:
+        changes["base_url"] = services.validate_base_url(
+            body["base_url"], allow_insecure=allow_insecure
+        )
+    if "auth" in body:
+        changes["auth_type"], changes["auth_name"] = services.validate_auth(body["auth"])
+    if "hosts" in body:
+        changes["hosts"] = services.validate_hosts(body["hosts"])
+    return changes
+
+
+async def create(request: web.Request) -> web.Response:
+    user = await admin_only(request)
+    body = await read_object(request)
+    reject_unknown(body, CREATE_FIELDS)
+    slug = services.validate_slug(body.get("slug"))
+    for required in ("base_url", "auth"):
+        if required not in body:
+            raise ValidationFailed(required, "is required")
+    changes = _changes(request, body)
+    default_hosts = (URL(changes["base_url"]).host or "",)
+    service = services.Service(
+        slug,
+        changes.get("name", slug),
+        changes["base_url"],
+        changes["auth_type"],
+        changes["auth_name"],
+        changes.get("hosts", default_hosts),
+    )
+    async with request.app[POOL].acquire() as conn:
+        created = await services.create_service(conn, user.actor(source(request)), service)
+    return web.json_response(created.to_json(), status=201)
+
+
+async def update(request: web.Request) -> web.Response:
+    user = await admin_only(request)
+    body = await read_object(request)
+    reject_unknown(body, UPDATE_FIELDS)
+    changes = _changes(request, body)
+    async with request.app[POOL].acquire() as conn:
+        updated = await services.update_service(
+            conn, user.actor(source(request)), request.match_info["slug"], changes
+        )
+    return web.json_response(updated.to_json())
+
+
+async def delete(request: web.Request) -> web.Response:
+    user = await admin_only(request)
+    async with request.app[POOL].acquire() as conn:
+        await services.delete_service(conn, user.actor(source(request)), request.match_info["slug"])
+    return web.Response(status=204)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/services", list_, name="services.list")
+    app.router.add_post("/services", create, name="services.create")
+    app.router.add_get("/services/{slug}", show, name="services.show")
+    app.router.add_put("/services/{slug}", update, name="services.update")
+    app.router.add_delete("/services/{slug}", delete, name="services.delete")

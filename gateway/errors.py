@@ -1,0 +1,96 @@
+"""Errors: exceptions carrying an HTTP status and a snake_case code, rendered once by middleware."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+
+class WalletError(Exception):
+    """Base of every error a client may see. The message must never carry a secret."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        details: Mapping[str, object] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers: dict[str, str] = dict(headers or {})
+        self.details: dict[str, object] = dict(details or {})
+
+
+class BadRequest(WalletError):
+    status, code = 400, "bad_request"
+
+
+class InvalidJson(WalletError):
+    status, code = 400, "invalid_json"
+
+
+class ValidationFailed(WalletError):
+    status, code = 422, "validation_error"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}", details={"field": field})
+
+
+class Unauthenticated(WalletError):
+    status, code = 401, "unauthenticated"
+
+    def __init__(self, message: str = "missing or invalid credentials") -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(WalletError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(WalletError):
+    status, code = 404, "not_found"
+
+
+class UnknownService(WalletError):
+    status, code = 404, "unknown_service"
+
+    def __init__(self, slug: str) -> None:
+        super().__init__(f"no service named {slug!r}")
+
+
+class MethodNotAllowed(WalletError):
+    status, code = 405, "method_not_allowed"
+
+
+class Conflict(WalletError):
+    status, code = 409, "conflict"
+
+
+class PayloadTooLarge(WalletError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(WalletError):
+    status, code = 415, "unsupported_media_type"
+
+
+class TooManyRequests(WalletError):
+    status, code = 429, "too_many_requests"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(max(1, retry_after_s))})
+
+
+class VaultSealed(WalletError):
+    status, code = 503, "vault_sealed"
+
+    def __init__(self) -> None:
+        super().__init__("the vault is sealed: the master key is missing or wrong")
+
+
+class Unavailable(WalletError):
+    status, code = 503, "service_unavailable"

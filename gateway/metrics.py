@@ -1,0 +1,55 @@
+"""Prometheus metrics of one app, in its own registry (aioprometheus)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
+
+
+@dataclass
+class Metrics:
+    """The collectors an app updates. Label values are route names and codes, never secrets."""
+
+    app: str
+    registry: Registry = field(default_factory=Registry)
+
+    def __post_init__(self) -> None:
+        labels = {"app": self.app}
+        self.requests = Counter(
+            "wallet_http_requests_total",
+            "HTTP requests served, by route and status class",
+            const_labels=labels,
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "wallet_http_request_duration_seconds",
+            "Time to serve a request, by route",
+            const_labels=labels,
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+        )
+        self.in_flight = Gauge(
+            "wallet_http_requests_in_flight",
+            "Requests being served",
+            const_labels=labels,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "wallet_errors_total",
+            "Error responses by code",
+            const_labels=labels,
+            registry=self.registry,
+        )
+        self.vault_sealed = Gauge(
+            "wallet_vault_sealed",
+            "1 when the vault is sealed",
+            const_labels=labels,
+            registry=self.registry,
+        )
+        self.login_failures = Counter(
+            "wallet_login_failures_total",
+            "Failed admin logins by reason",
+            const_labels=labels,
+            registry=self.registry,
+        )

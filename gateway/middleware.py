@@ -1,0 +1,161 @@
+"""Middleware shared by both apps: request ids, the one JSON error shape, security headers,
+access logs and request metrics."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import asyncpg
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gateway.appkeys import METRICS
+from gateway.errors import WalletError
+from gateway.logs import redact_url
+
+log = structlog.get_logger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID: Final = web.RequestKey("request_id", str)
+SECURITY_HEADERS: Final = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+HTTP_CODES: Final = {
+    400: "bad_request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    408: "request_timeout",
+    411: "length_required",
+    413: "payload_too_large",
+    414: "uri_too_long",
+    415: "unsupported_media_type",
+    422: "validation_error",
+    429: "too_many_requests",
+}
+DB_DOWN: Final = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    ConnectionError,
+    TimeoutError,
+)
+REDIS_DOWN: Final = (RedisConnectionError, RedisTimeoutError)
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    request_id: str,
+    headers: dict[str, str] | None = None,
+    details: dict[str, object] | None = None,
+) -> web.Response:
+    body: dict[str, object] = {"code": code, "message": message, "request_id": request_id}
+    if details:
+        body.update(details)
+    return web.json_response({"error": body}, status=status, headers=headers, dumps=json.dumps)
+
+
+def _from_http_exception(exc: web.HTTPException) -> tuple[int, str, str]:
+    status = exc.status
+    code = HTTP_CODES.get(status, f"http_{status}")
+    message = exc.reason
+    if status == 405:
+        message = (
+            f"method not allowed; allowed: {', '.join(sorted(exc.allowed_methods))}"
+            if isinstance(exc, web.HTTPMethodNotAllowed)
+            else exc.reason
+        )
+    elif status == 413:
+        message = "request body too large"
+    return status, code, message
+
+
+def make_middleware(request_id_header: str) -> Middleware:
+    """One middleware doing the cross-cutting work in order; `request_id_header` differs
+    per app (the gateway must not clash with upstream `X-Request-Id`)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request_id = secrets.token_hex(12)
+        request[REQUEST_ID] = request_id
+        metrics = request.app[METRICS]
+        started = time.perf_counter()
+        route = request.match_info.route.resource
+        route_name = route.canonical if route is not None else "unmatched"
+        metrics.in_flight.inc({})
+        try:
+            response = await _render_errors(request, handler, request_id)
+        finally:
+            metrics.in_flight.dec({})
+        elapsed = time.perf_counter() - started
+        response.headers[request_id_header] = request_id
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        metrics.requests.inc({"route": route_name, "status": f"{response.status // 100}xx"})
+        metrics.latency.observe({"route": route_name}, elapsed)
+        log.info(
+            "request",
+            method=request.method,
+            path=redact_url(request.rel_url),
+            status=response.status,
+            ms=round(elapsed * 1000, 2),
+            request_id=request_id,
+        )
+        return response
+
+    return middleware
+
+
+async def _render_errors(
+    request: web.Request, handler: Handler, request_id: str
+) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    try:
+        return await handler(request)
+    except WalletError as exc:
+        metrics.errors.inc({"code": exc.code})
+        return error_response(
+            exc.status, exc.code, exc.message, request_id, exc.headers, exc.details
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        status, code, message = _from_http_exception(exc)
+        metrics.errors.inc({"code": code})
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(status, code, message, request_id, headers)
+    except REDIS_DOWN as exc:
+        log.error("redis_unavailable", error=type(exc).__name__, request_id=request_id)
+        metrics.errors.inc({"code": "redis_unavailable"})
+        return error_response(503, "redis_unavailable", "Redis is unavailable", request_id)
+    except DB_DOWN as exc:
+        log.error("database_unavailable", error=type(exc).__name__, request_id=request_id)
+        metrics.errors.inc({"code": "database_unavailable"})
+        return error_response(
+            503,
+            "database_unavailable",
+            "the database is unavailable",
+            request_id,
+            {"Retry-After": "1"},
+        )
+    except Exception:
+        # The one broad catch: anything unexpected becomes a 500 in the JSON shape, logged
+        # (secrets scrubbed by the redactor) with the request id a user can quote.
+        log.exception("unhandled_error", request_id=request_id)
+        metrics.errors.inc({"code": "internal_error"})
+        return error_response(500, "internal_error", "internal error", request_id)

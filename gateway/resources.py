@@ -1,0 +1,54 @@
+"""Cleanup contexts for the resources both apps share, registered in dependency order:
+pool → Redis → vault (whose canary check needs the pool)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import structlog
+from aiohttp import web
+from redis.asyncio import Redis
+
+from gateway import canary, db
+from gateway.appkeys import POOL, REDIS, SETTINGS, VAULT
+from gateway.vault import Vault
+
+log = structlog.get_logger(__name__)
+
+
+async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    assert settings.database_url is not None, "DATABASE_URL is resolved before the app starts"
+    app[POOL] = pool = await db.create_pool(settings.database_url)
+    yield
+    await pool.close()
+
+
+async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    assert settings.redis_url is not None, "REDIS_URL is resolved before the app starts"
+    app[REDIS] = client = Redis.from_url(
+        settings.redis_url.reveal(),
+        socket_timeout=5,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+    )
+    yield
+    await client.aclose()
+
+
+async def vault_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[VAULT] = vault = Vault(settings.encryption_key, settings.encryption_keys_previous)
+    async with app[POOL].acquire() as conn:
+        await canary.unseal(conn, vault)
+    if not vault.unsealed:
+        log.error(
+            "vault_sealed_at_startup",
+            hint="restart with the right ENCRYPTION_KEY; nothing will be decrypted",
+        )
+    yield
+
+
+def install(app: web.Application) -> None:
+    app.cleanup_ctx.extend((pool_ctx, redis_ctx, vault_ctx))
