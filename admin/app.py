@@ -7,24 +7,14 @@ from typing import Final
 from aiohttp import web
 
 from admin import audit_api, auth, keys_api, openapi, services_api, tokens_api, users_api
-from gateway import monitoring, resources
-from gateway.appkeys import APP_NAME, METRICS, SETTINGS
-from gateway.metrics import Metrics
-from gateway.middleware import make_middleware
+from gateway.app import base_app
 from gateway.settings import Settings
 
 REQUEST_ID_HEADER: Final = "X-Request-Id"
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(
-        middlewares=[make_middleware(REQUEST_ID_HEADER)], client_max_size=settings.max_body_bytes
-    )
-    app[SETTINGS] = settings
-    app[APP_NAME] = "admin"
-    app[METRICS] = Metrics("admin")
-    resources.install(app)
-    monitoring.add_routes(app)
+    app = base_app(settings, "admin", REQUEST_ID_HEADER)
     app.router.add_post("/auth/login", auth.login, name="auth.login")
     app.router.add_get("/openapi.json", openapi.serve, name="openapi")
     for module in (keys_api, services_api, tokens_api, users_api, audit_api):

@@ -3,6 +3,7 @@ the built-in services and the first admin."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import os
@@ -16,11 +17,13 @@ import asyncpg
 
 from admin.embedded import admin_url
 from gateway import audit, db, services, users
+from gateway.errors import Unavailable
 from gateway.secret import Secret
 from gateway.settings import SECRETS_FILE, Settings, read_secrets_file
 
 Say = Callable[[str], None]
 GENERATED: Final = ("JWT_SECRET", "ENCRYPTION_KEY")
+CONNECT_ATTEMPTS: Final = 8  # about 20 s in all
 
 
 def ensure_secrets(data_dir: Path, say: Say) -> dict[str, str]:
@@ -66,6 +69,18 @@ async def ensure_database(database_url: Secret[str]) -> None:
         await conn.close()
 
 
+async def _connect_patiently(url: Secret[str]) -> asyncpg.Connection[asyncpg.Record]:
+    """Wait for a database that is still starting (compose, a failover) before giving up."""
+    for attempt in range(1, CONNECT_ATTEMPTS + 1):
+        try:
+            return await db.connect(url)
+        except Unavailable:
+            if attempt == CONNECT_ATTEMPTS:
+                raise
+            await asyncio.sleep(min(0.25 * 2**attempt, 5.0))
+    raise AssertionError("unreachable")
+
+
 @dataclass(frozen=True)
 class Prepared:
     applied: list[str]
@@ -78,7 +93,7 @@ async def prepare(settings: Settings) -> Prepared:
     assert settings.database_url is not None
     if settings.embedded:
         await ensure_database(settings.database_url)
-    conn = await db.connect(settings.database_url)
+    conn = await _connect_patiently(settings.database_url)
     try:
         applied = await db.migrate(conn)
         seeded = await services.seed(conn, audit.Actor.system("startup"))

@@ -153,9 +153,9 @@ async def _render_errors(
             request_id,
             {"Retry-After": "1"},
         )
-    except Exception:
+    except Exception as exc:
         # The one broad catch: anything unexpected becomes a 500 in the JSON shape, logged
         # (secrets scrubbed by the redactor) with the request id a user can quote.
-        log.exception("unhandled_error", request_id=request_id)
+        log.exception("unhandled_error", error=type(exc).__name__, request_id=request_id)
         metrics.errors.inc({"code": "internal_error"})
         return error_response(500, "internal_error", "internal error", request_id)
