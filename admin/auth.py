@@ -68,7 +68,8 @@ def decode_token(secret: Secret[str], token: str) -> dict[str, object]:
         )
     except jwt.ExpiredSignatureError:
         raise Unauthenticated("session expired; log in again") from None
-    except jwt.PyJWTError:
+    except (jwt.PyJWTError, UnicodeEncodeError):
+        # UnicodeEncodeError: header bytes that are not UTF-8 reach us surrogate-escaped.
         raise Unauthenticated("invalid bearer token") from None
     return claims
 

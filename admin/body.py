@@ -26,6 +26,9 @@ async def read_object(request: web.Request) -> dict[str, Any]:
         raise InvalidJson("the request body is empty; a JSON object is expected")
     try:
         value = json.loads(raw)
+        # A lone surrogate (`"\ud800"`) parses but is not text: nothing downstream (hashing,
+        # argon2, PostgreSQL) can encode it. UnicodeEncodeError is a ValueError.
+        json.dumps(value, ensure_ascii=False).encode()
     except (ValueError, RecursionError):
         raise InvalidJson("the request body is not valid JSON") from None
     if not isinstance(value, dict):
@@ -37,7 +40,8 @@ def _int_param(request: web.Request, name: str, default: int, lo: int, hi: int) 
     raw = request.query.get(name)
     if raw is None or raw == "":
         return default
-    if not raw.isdigit() or not lo <= int(raw) <= hi:
+    # isascii: str.isdigit() also accepts digits int() refuses, such as "³".
+    if not (raw.isascii() and raw.isdigit()) or not lo <= int(raw) <= hi:
         raise ValidationFailed(name, f"must be a whole number from {lo} to {hi}")
     return int(raw)
 

@@ -15,8 +15,8 @@ from admin.body import (
     read_object,
     reject_unknown,
 )
-from gateway import keyformat, keys, services
-from gateway.appkeys import POOL, VAULT
+from gateway import invalidation, keyformat, keys, services
+from gateway.appkeys import POOL, REDIS, VAULT
 from gateway.errors import BadRequest, ValidationFailed
 from gateway.secret import Secret
 from gateway.vault import mask
@@ -78,6 +78,7 @@ async def create(request: web.Request) -> web.Response:
         raise ValidationFailed("name", "must not contain the key itself")
     async with request.app[POOL].acquire() as conn:
         record = await keys.create_key(conn, request.app[VAULT], user.actor(source(request)), new)
+    await invalidation.publish(request.app[REDIS], "key", record.id)
     return web.json_response(record.to_json(), status=201)
 
 
@@ -119,6 +120,8 @@ def _changes(body: dict[str, Any], secret: Secret[str] | None) -> dict[str, Any]
         changes["name"] = optional_str(body, "name")
         if changes["name"] is None:
             raise ValidationFailed("name", "must be a non-empty string")
+        if secret is not None and secret.reveal() in changes["name"]:
+            raise ValidationFailed("name", "must not contain the key itself")
     if "priority" in body:
         changes["priority"] = keys.validate_priority(body["priority"])
     if "enabled" in body:
@@ -152,6 +155,7 @@ async def update(request: web.Request) -> web.Response:
             _changes(body, secret),
             secret,
         )
+    await invalidation.publish(request.app[REDIS], "key", record.id)
     return web.json_response(record.to_json())
 
 
@@ -161,6 +165,7 @@ async def delete(request: web.Request) -> web.Response:
         await keys.delete_key(
             conn, user.actor(source(request)), owner_scope(user), request.match_info["id"]
         )
+    await invalidation.publish(request.app[REDIS], "key", request.match_info["id"])
     return web.Response(status=204)
 
 

@@ -9,8 +9,8 @@ from yarl import URL
 
 from admin.auth import admin_only, authenticated, source
 from admin.body import list_response, optional_str, pagination, read_object, reject_unknown
-from gateway import services
-from gateway.appkeys import POOL, SETTINGS
+from gateway import invalidation, services
+from gateway.appkeys import POOL, REDIS, SETTINGS
 from gateway.errors import ValidationFailed
 
 CREATE_FIELDS: Final = {"slug", "name", "base_url", "auth", "hosts"}
@@ -71,6 +71,7 @@ async def create(request: web.Request) -> web.Response:
     )
     async with request.app[POOL].acquire() as conn:
         created = await services.create_service(conn, user.actor(source(request)), service)
+    await invalidation.publish(request.app[REDIS], "service", created.slug)
     return web.json_response(created.to_json(), status=201)
 
 
@@ -83,6 +84,7 @@ async def update(request: web.Request) -> web.Response:
         updated = await services.update_service(
             conn, user.actor(source(request)), request.match_info["slug"], changes
         )
+    await invalidation.publish(request.app[REDIS], "service", updated.slug)
     return web.json_response(updated.to_json())
 
 
@@ -90,6 +92,7 @@ async def delete(request: web.Request) -> web.Response:
     user = await admin_only(request)
     async with request.app[POOL].acquire() as conn:
         await services.delete_service(conn, user.actor(source(request)), request.match_info["slug"])
+    await invalidation.publish(request.app[REDIS], "service", request.match_info["slug"])
     return web.Response(status=204)
 
 

@@ -8,8 +8,8 @@ from aiohttp import web
 
 from admin.auth import authenticated, owner_scope, source
 from admin.body import list_response, pagination, read_object, reject_unknown
-from gateway import services, tokens
-from gateway.appkeys import POOL
+from gateway import invalidation, services, tokens
+from gateway.appkeys import POOL, REDIS
 from gateway.errors import ValidationFailed
 
 CREATE_FIELDS: Final = {"name", "services", "expires_at"}
@@ -65,6 +65,7 @@ async def revoke(request: web.Request) -> web.Response:
         await tokens.revoke_token(
             conn, user.actor(source(request)), owner_scope(user), request.match_info["id"]
         )
+    await invalidation.publish(request.app[REDIS], "token", request.match_info["id"])
     return web.Response(status=204)
 
 

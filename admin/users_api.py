@@ -8,8 +8,8 @@ from aiohttp import web
 
 from admin.auth import admin_only, authenticated, source
 from admin.body import list_response, optional_bool, pagination, read_object, reject_unknown
-from gateway import users
-from gateway.appkeys import POOL
+from gateway import invalidation, users
+from gateway.appkeys import POOL, REDIS
 from gateway.errors import Forbidden, NotFound, ValidationFailed
 from gateway.secret import Secret
 
@@ -63,6 +63,7 @@ async def update(request: web.Request) -> web.Response:
         user = await users.update_user(
             conn, admin.actor(source(request)), _target(request, admin), role=role, enabled=enabled
         )
+    await invalidation.publish(request.app[REDIS], "user", user.id)
     return web.json_response(user.to_json())
 
 
@@ -70,6 +71,7 @@ async def delete(request: web.Request) -> web.Response:
     admin = await admin_only(request)
     async with request.app[POOL].acquire() as conn:
         await users.delete_user(conn, admin.actor(source(request)), _target(request, admin))
+    await invalidation.publish(request.app[REDIS], "user", _target(request, admin))
     return web.Response(status=204)
 
 

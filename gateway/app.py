@@ -1,21 +1,34 @@
-"""The app factories' common base, and the gateway app (port 6789).
-
-This release's gateway serves health and metrics; the proxy pipeline lands on top of the
-same resources."""
+"""The app factories' common base, and the gateway app (port 6789)."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Final
 
 from aiohttp import web
 
-from gateway import monitoring, resources
-from gateway.appkeys import APP_NAME, METRICS, SETTINGS
+from gateway import envelope, invalidation, monitoring, proxy, resources, tasks, upstream
+from gateway.appkeys import (
+    APP_NAME,
+    CALLERS,
+    CATALOG,
+    KEYPOOL,
+    METRICS,
+    POOL,
+    REDIS,
+    SETTINGS,
+    VAULT,
+)
+from gateway.callers import Callers
+from gateway.catalog import Catalog
+from gateway.keypool import KeyPool
 from gateway.metrics import Metrics
-from gateway.middleware import make_middleware
+from gateway.middleware import make_middleware, make_prepare_hook
 from gateway.settings import Settings
 
 REQUEST_ID_HEADER: Final = "X-Wallet-Request-Id"
+LISTENER_READY_S: Final = 5.0
 
 
 def base_app(settings: Settings, name: str, request_id_header: str) -> web.Application:
@@ -23,6 +36,7 @@ def base_app(settings: Settings, name: str, request_id_header: str) -> web.Appli
     app = web.Application(
         middlewares=[make_middleware(request_id_header)], client_max_size=settings.max_body_bytes
     )
+    app.on_response_prepare.append(make_prepare_hook(request_id_header))
     app[SETTINGS] = settings
     app[APP_NAME] = name
     app[METRICS] = Metrics(name)
@@ -31,5 +45,40 @@ def base_app(settings: Settings, name: str, request_id_header: str) -> web.Appli
     return app
 
 
+async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The hot path's in-memory state, kept fresh by the invalidation listener."""
+    app[CATALOG] = catalog = Catalog(app[POOL])
+    app[CALLERS] = callers = Callers(app[POOL])
+    app[KEYPOOL] = keypool = KeyPool(app[POOL], app[VAULT])
+    await catalog.refresh()
+
+    def on_message(kind: str, target_id: str | None) -> None:
+        callers.invalidate(kind, target_id)
+        keypool.invalidate(kind, target_id)
+        if kind == "service":
+            catalog.invalidate()
+
+    def on_reset() -> None:
+        callers.clear()
+        keypool.clear()
+        catalog.invalidate()
+
+    ready = asyncio.Event()
+    listener = invalidation.listen(app[REDIS], on_message, on_reset, ready)
+    tasks.spawn(app, "invalidation-listener", listener)
+    # Serve only once subscribed, so no change is missed; a Redis outage must not block startup.
+    try:
+        async with asyncio.timeout(LISTENER_READY_S):
+            await ready.wait()
+    except TimeoutError:
+        pass
+    yield
+
+
 def create_app(settings: Settings) -> web.Application:
-    return base_app(settings, "gateway", REQUEST_ID_HEADER)
+    app = base_app(settings, "gateway", REQUEST_ID_HEADER)
+    app.cleanup_ctx.extend((tasks.tasks_ctx, upstream.session_ctx, caches_ctx))
+    app.router.add_post("/proxy", envelope.handle, name="proxy.envelope")
+    app.router.add_route("*", "/{service}", proxy.reverse, name="proxy.service")
+    app.router.add_route("*", "/{service}/{path:.*}", proxy.reverse, name="proxy.reverse")
+    return app

@@ -6,6 +6,9 @@ import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
 
+from gateway.callers import Callers
+from gateway.catalog import Catalog
+from gateway.keypool import KeyPool
 from gateway.metrics import Metrics
 from gateway.settings import Settings
 from gateway.vault import Vault
@@ -16,3 +19,6 @@ REDIS = web.AppKey("redis", Redis)
 VAULT = web.AppKey("vault", Vault)
 METRICS = web.AppKey("metrics", Metrics)
 APP_NAME = web.AppKey("app_name", str)
+CATALOG = web.AppKey("catalog", Catalog)
+CALLERS = web.AppKey("callers", Callers)
+KEYPOOL = web.AppKey("keypool", KeyPool)

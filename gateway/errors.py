@@ -94,3 +94,21 @@ class VaultSealed(WalletError):
 
 class Unavailable(WalletError):
     status, code = 503, "service_unavailable"
+
+
+class NoKey(WalletError):
+    status, code = 409, "no_key"
+
+    def __init__(self, service: str) -> None:
+        super().__init__(
+            f"the wallet holds no enabled {service} key that this token's owner may use; "
+            "add one with POST /keys on the admin API"
+        )
+
+
+class UpstreamUnavailable(WalletError):
+    status, code = 502, "upstream_unavailable"
+
+
+class UpstreamTimeout(WalletError):
+    status, code = 504, "upstream_timeout"

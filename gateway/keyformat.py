@@ -16,4 +16,4 @@ PATTERNS: Final = (
 
 def candidates(secret: str) -> list[str]:
     """Every built-in service whose key format the secret matches."""
-    return [service for pattern, service in PATTERNS if pattern.match(secret)]
+    return [service for pattern, service in PATTERNS if pattern.fullmatch(secret)]

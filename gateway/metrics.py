@@ -47,6 +47,26 @@ class Metrics:
             const_labels=labels,
             registry=self.registry,
         )
+        self.proxied = Counter(
+            "wallet_proxied_requests_total",
+            "Requests forwarded upstream, by service and status class",
+            const_labels=labels,
+            registry=self.registry,
+        )
+        self.upstream_latency = Histogram(
+            "wallet_upstream_latency_seconds",
+            "Time from sending upstream to its response headers, by service",
+            const_labels=labels,
+            registry=self.registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+        )
+        self.overhead = Histogram(
+            "wallet_gateway_overhead_seconds",
+            "Time the gateway adds (before the upstream call and before relaying), by service",
+            const_labels=labels,
+            registry=self.registry,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
+        )
         self.login_failures = Counter(
             "wallet_login_failures_total",
             "Failed admin logins by reason",

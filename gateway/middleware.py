@@ -54,6 +54,10 @@ DB_DOWN: Final = (
     TimeoutError,
 )
 REDIS_DOWN: Final = (RedisConnectionError, RedisTimeoutError)
+UNSTORABLE_TEXT: Final = (
+    asyncpg.CharacterNotInRepertoireError,
+    asyncpg.UntranslatableCharacterError,
+)
 
 
 def error_response(
@@ -85,6 +89,24 @@ def _from_http_exception(exc: web.HTTPException) -> tuple[int, str, str]:
     return status, code, message
 
 
+def _stamp(response: web.StreamResponse, header: str, request_id: str) -> None:
+    response.headers[header] = request_id
+    for name, value in SECURITY_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
+def make_prepare_hook(
+    request_id_header: str,
+) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """Stamps streamed responses, whose headers leave before the middleware sees them."""
+
+    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+        if REQUEST_ID in request:
+            _stamp(response, request_id_header, request[REQUEST_ID])
+
+    return on_prepare
+
+
 def make_middleware(request_id_header: str) -> Middleware:
     """One middleware doing the cross-cutting work in order; `request_id_header` differs
     per app (the gateway must not clash with upstream `X-Request-Id`)."""
@@ -103,9 +125,8 @@ def make_middleware(request_id_header: str) -> Middleware:
         finally:
             metrics.in_flight.dec({})
         elapsed = time.perf_counter() - started
-        response.headers[request_id_header] = request_id
-        for name, value in SECURITY_HEADERS.items():
-            response.headers.setdefault(name, value)
+        if not response.prepared:
+            _stamp(response, request_id_header, request_id)
         metrics.requests.inc({"route": route_name, "status": f"{response.status // 100}xx"})
         metrics.latency.observe({"route": route_name}, elapsed)
         log.info(
@@ -152,6 +173,13 @@ async def _render_errors(
             "the database is unavailable",
             request_id,
             {"Retry-After": "1"},
+        )
+    except UNSTORABLE_TEXT:
+        # A NUL character (raw, or `\u0000` in JSON) in a path, query or body field reached
+        # PostgreSQL, which cannot store it: the client's fault, so a 400, not a 500.
+        metrics.errors.inc({"code": "bad_request"})
+        return error_response(
+            400, "bad_request", "text must not contain NUL (\\u0000) characters", request_id
         )
     except Exception as exc:
         # The one broad catch: anything unexpected becomes a 500 in the JSON shape, logged

@@ -26,3 +26,7 @@ def login_failures_addr(address: str) -> str:
 
 def health_probe() -> str:
     return f"{PREFIX}:health"
+
+
+def invalidation_channel() -> str:
+    return f"{PREFIX}:invalidate"

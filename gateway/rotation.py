@@ -76,7 +76,11 @@ async def reseal_all(
             )
             done += 1
         if progress:
-            progress(done, total)
+            progress(done + len(failed), total)
+    if progress and done + len(failed) < total:
+        # Rows re-sealed by their own writers (or deleted) meanwhile left the pending set
+        # unseen; the pass is complete, so the last report says so (the CLI ends its line).
+        progress(total, total)
     async with pool.acquire() as conn, conn.transaction():
         retired = tuple(r["kid"] for r in await conn.fetch(RETIRE_CANARIES, current))
         await audit.append(

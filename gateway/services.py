@@ -145,7 +145,7 @@ def validate_auth(value: object) -> tuple[AuthType, str | None]:
     if kind not in AUTH_TYPES:
         raise ValidationFailed("auth.type", f"must be one of {', '.join(AUTH_TYPES)}")
     if kind in ("header", "query"):
-        if not isinstance(name, str) or not NAME_TOKEN.match(name):
+        if not isinstance(name, str) or not NAME_TOKEN.fullmatch(name):
             raise ValidationFailed("auth.name", "a header or query parameter name is required")
         return cast(AuthType, kind), name
     if name is not None:
@@ -158,13 +158,13 @@ def validate_hosts(value: object) -> tuple[str, ...]:
         raise ValidationFailed("hosts", "must be a list of host names")
     hosts = tuple(dict.fromkeys(h.strip().lower().rstrip(".") for h in value))
     for host in hosts:
-        if not HOST.match(host):
+        if not HOST.fullmatch(host):
             raise ValidationFailed("hosts", "each entry must be a DNS host name")
     return hosts
 
 
 def validate_slug(value: object) -> str:
-    if not isinstance(value, str) or not SLUG.match(value) or value in RESERVED_SLUGS:
+    if not isinstance(value, str) or not SLUG.fullmatch(value) or value in RESERVED_SLUGS:
         raise ValidationFailed(
             "slug", "lower-case letters, digits, '-' and '_' (at most 63), not a reserved path"
         )

@@ -97,6 +97,20 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting(
         "MAX_BODY_BYTES", "1048576", "Largest admin request body accepted (bytes); larger gets 413."
     ),
+    Setting(
+        "GATEWAY_MAX_BODY_BYTES",
+        "104857600",
+        "Largest request body the gateway forwards (bytes, counted as it streams); "
+        "larger gets 413.",
+    ),
+    Setting("UPSTREAM_CONNECT_TIMEOUT", "10s", "Time to connect to an upstream (a duration)."),
+    Setting(
+        "UPSTREAM_READ_TIMEOUT",
+        "300s",
+        "Longest silence from an upstream, between bytes of a streamed answer included.",
+    ),
+    Setting("UPSTREAM_TOTAL_TIMEOUT", "1h", "Longest time one upstream exchange may take."),
+    Setting("CLIENT_IDLE_TIMEOUT", "60s", "Longest silence from a client sending a request body."),
     Setting("LOG_LEVEL", "info", "`debug`, `info`, `warning` or `error`."),
     Setting("LOG_FORMAT", "json", "`json` (one object per line) or `console`."),
 )
@@ -127,6 +141,11 @@ class Settings:
     default_free_quota: int = 1000
     allow_insecure_upstreams: bool = False
     max_body_bytes: int = 1 << 20
+    gateway_max_body_bytes: int = 100 << 20
+    upstream_connect_timeout_s: int = 10
+    upstream_read_timeout_s: int = 300
+    upstream_total_timeout_s: int = 3600
+    client_idle_timeout_s: int = 60
     log_level: str = "info"
     log_format: LogFormat = "json"
     embedded: bool = field(default=False, compare=False)
@@ -161,6 +180,11 @@ class Settings:
             default_free_quota=get.integer("DEFAULT_FREE_QUOTA", minimum=0),
             allow_insecure_upstreams=get.boolean("ALLOW_INSECURE_UPSTREAMS"),
             max_body_bytes=get.integer("MAX_BODY_BYTES", minimum=1024),
+            gateway_max_body_bytes=get.integer("GATEWAY_MAX_BODY_BYTES", minimum=1024),
+            upstream_connect_timeout_s=get.duration("UPSTREAM_CONNECT_TIMEOUT"),
+            upstream_read_timeout_s=get.duration("UPSTREAM_READ_TIMEOUT"),
+            upstream_total_timeout_s=get.duration("UPSTREAM_TOTAL_TIMEOUT"),
+            client_idle_timeout_s=get.duration("CLIENT_IDLE_TIMEOUT"),
             log_level=get.choice("LOG_LEVEL", _LOG_LEVELS),
             log_format="console" if log_format == "console" else "json",
         )

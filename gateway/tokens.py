@@ -86,7 +86,9 @@ def generate() -> Secret[str]:
 
 def token_hash(token: Secret[str]) -> bytes:
     # 256 random bits: a fast hash is enough (no dictionary to attack), and keeps lookups cheap.
-    return hashlib.sha256(token.reveal().encode()).digest()
+    # surrogatepass: a presented token can hold undecodable header bytes (surrogate-escaped)
+    # or a lone surrogate from JSON; it hashes to no stored token instead of raising.
+    return hashlib.sha256(token.reveal().encode("utf-8", "surrogatepass")).digest()
 
 
 def looks_like_token(value: str) -> bool:
@@ -111,10 +113,13 @@ def validate_expiry(value: object) -> datetime | None:
         raise ValidationFailed("expires_at", "must be an ISO 8601 time or null")
     try:
         when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        # In UTC now: a time near year 9999 with a negative offset overflows here, not later
+        # as a 500 when the database driver converts it.
+        when = when.astimezone(UTC)
+    except (ValueError, OverflowError):
         raise ValidationFailed("expires_at", "must be an ISO 8601 time or null") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
     if when <= datetime.now(UTC):
         raise ValidationFailed("expires_at", "must be in the future")
     return when

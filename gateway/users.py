@@ -87,7 +87,7 @@ def _from_row(row: Record) -> User:
 
 
 def validate_username(value: object) -> str:
-    if not isinstance(value, str) or not USERNAME.match(value):
+    if not isinstance(value, str) or not USERNAME.fullmatch(value):
         raise ValidationFailed("username", "2-64 characters: letters, digits, '.', '_', '@', '-'")
     return value
 

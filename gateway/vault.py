@@ -22,6 +22,7 @@ from gateway.errors import VaultSealed
 from gateway.secret import Secret
 
 NONCE_BYTES: Final = 12
+TAG_BYTES: Final = 16
 _KNOWN_PREFIXES: Final = (
     "sk_test_",
     "sk_live_",
@@ -66,6 +67,9 @@ class MasterKey:
 
     def open(self, sealed: Sealed, aad: bytes) -> bytes:
         nonce, body = sealed.blob[:NONCE_BYTES], sealed.blob[NONCE_BYTES:]
+        if len(nonce) != NONCE_BYTES or len(body) < TAG_BYTES:
+            # A truncated blob would make AESGCM raise ValueError, not InvalidTag.
+            raise VaultError(f"sealed value under key {self.kid} is truncated")
         try:
             return self._aead.decrypt(nonce, body, aad)
         except InvalidTag:

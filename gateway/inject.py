@@ -1,0 +1,164 @@
+"""Credential handling (pure): find the wallet token a client presented, strip it and every
+client credential from the request, and put the real key where the service expects it.
+
+Nothing the client sent in a credential slot ever reaches the upstream: the outbound headers
+and query are rebuilt here, and this is the only module that writes a key into them.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import quote, unquote_plus
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.secret import Secret
+from gateway.tokens import PREFIX
+
+HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "accept-encoding",
+    }
+)
+# Headers that describe the client or the gateway, never forwarded.
+CLIENT_ONLY: Final = frozenset(
+    {
+        "authorization",
+        "cookie",
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-real-ip",
+        "x-service-hint",
+        "x-wallet-token",
+    }
+)
+# Response headers never relayed to the client (hop-by-hop, or describing a body we re-encode).
+RESPONSE_DROP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "content-encoding",
+        "content-length",
+        "set-cookie",
+    }
+)
+
+
+@dataclass(frozen=True)
+class AuthSlot:
+    """Where a service takes its key: `bearer`, `basic`, a named `header` or `query` param."""
+
+    type: str
+    name: str | None
+
+
+def _basic_parts(value: str) -> tuple[str, str]:
+    try:
+        decoded = base64.b64decode(value, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return "", ""
+    user, _, password = decoded.partition(":")
+    return user, password
+
+
+def _is_token(value: str) -> bool:
+    return value.startswith(PREFIX)
+
+
+def find_token(
+    headers: Mapping[str, str], query: Iterable[tuple[str, str]], slot: AuthSlot
+) -> Secret[str] | None:
+    """The wallet token from `X-Wallet-Token`, `Authorization` (bearer or basic), the service's
+    own header, or any query parameter; None when no wallet token is present."""
+    if value := headers.get("X-Wallet-Token", "").strip():
+        return Secret(value)
+    scheme, _, credential = headers.get("Authorization", "").strip().partition(" ")
+    credential = credential.strip()
+    if scheme.lower() == "bearer" and _is_token(credential):
+        return Secret(credential)
+    if scheme.lower() == "basic":
+        for part in _basic_parts(credential):
+            if _is_token(part):
+                return Secret(part)
+    if slot.type == "header" and slot.name and _is_token(headers.get(slot.name, "").strip()):
+        return Secret(headers[slot.name].strip())
+    for _, value in query:
+        if _is_token(value):
+            return Secret(value)
+    return None
+
+
+def upstream_headers(
+    incoming: CIMultiDictProxy[str] | CIMultiDict[str], slot: AuthSlot, key: Secret[str]
+) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop and client credentials, plus the real key."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in CLIENT_ONLY or lower.startswith("x-wallet-"):
+            continue
+        if slot.type == "header" and slot.name and lower == slot.name.lower():
+            continue
+        out.add(name, value)
+    secret = key.reveal()
+    if slot.type == "bearer":
+        out["Authorization"] = f"Bearer {secret}"
+    elif slot.type == "basic":
+        pair = secret if ":" in secret else f"{secret}:"
+        out["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    elif slot.type == "header" and slot.name:
+        out[slot.name] = secret
+    return out
+
+
+def upstream_query(raw_query: str, slot: AuthSlot, key: Secret[str]) -> str:
+    """The raw query minus any wallet token and the service's key parameter, plus the key."""
+    kept = []
+    for pair in raw_query.split("&") if raw_query else []:
+        name, _, value = pair.partition("=")
+        if _is_token(unquote_plus(value)):
+            continue
+        if slot.type == "query" and unquote_plus(name) == slot.name:
+            continue
+        kept.append(pair)
+    if slot.type == "query" and slot.name:
+        kept.append(f"{quote(slot.name, safe='')}={quote(key.reveal(), safe='')}")
+    return "&".join(kept)
+
+
+def response_headers(upstream: CIMultiDictProxy[str], key: Secret[str]) -> CIMultiDict[str]:
+    """Upstream response headers to relay: hop-by-hop dropped, any echo of the key scrubbed."""
+    secret = key.reveal()
+    encoded = quote(secret, safe="")
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() in RESPONSE_DROP:
+            continue
+        if secret in value or encoded in value:
+            value = value.replace(secret, "[redacted]").replace(encoded, "[redacted]")
+        out.add(name, value)
+    return out

@@ -1,0 +1,141 @@
+"""The proxy handler: `/{service}/{path}` on the gateway, as a pipeline of named steps.
+
+match → authenticate → pick key → inject → forward → account. Each step lives in the module
+named for it; this one only wires them together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway import routing
+from gateway.appkeys import CALLERS, CATALOG, KEYPOOL, METRICS, SETTINGS
+from gateway.callers import Caller
+from gateway.errors import NoKey, NotFound, PayloadTooLarge
+from gateway.forward import BodyGuard, Outbound, Timing, stream
+from gateway.inject import AuthSlot, find_token, upstream_headers, upstream_query
+from gateway.selection import UsableKey, allowed
+from gateway.services import RESERVED_SLUGS, Service
+
+
+@dataclass(frozen=True)
+class Inbound:
+    """A request to forward, from the reverse-proxy path or the `/proxy` envelope."""
+
+    service: str
+    method: str
+    path: str  # raw, percent-encoded, after the service slug
+    query: str  # raw query string
+    headers: CIMultiDictProxy[str] | CIMultiDict[str]
+    body: bytes | None
+    stream_body: bool = False  # forward the client's own request body as it arrives
+
+
+async def reverse(request: web.Request) -> web.StreamResponse:
+    """`/{service}/{upstream path}?{query}`."""
+    target = routing.split(request.rel_url.raw_path)
+    if target is None:
+        raise NotFound("no such route")
+    if target.service in RESERVED_SLUGS:
+        _own_route(request)
+    inbound = Inbound(
+        target.service,
+        request.method,
+        target.path,
+        request.rel_url.raw_query_string,
+        request.headers,
+        None,
+        stream_body=True,
+    )
+    return await forward(request, inbound)
+
+
+def _own_route(request: web.Request) -> None:
+    """A gateway path (`/monitoring/...`, `/proxy`) with the wrong method: 405, as for any
+    route; an unknown one under a reserved prefix: 404."""
+    allowed = {
+        route.method
+        for route in request.app.router.routes()
+        if route.resource is not None
+        and route.method != "*"
+        and route.resource.canonical == request.path
+    }
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+    raise NotFound("no such route")
+
+
+async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
+    app = request.app
+    timing = Timing()
+    started = asyncio.get_running_loop().time()
+    service = await app[CATALOG].get(inbound.service)
+    slot = AuthSlot(service.auth_type, service.auth_name)
+    token = find_token(inbound.headers, parse_qsl(inbound.query, keep_blank_values=True), slot)
+    caller = await app[CALLERS].authenticate(token, service.slug)
+    key = await pick_key(request, service, caller)
+    outbound, guard = build_outbound(request, inbound, service, slot, key)
+    response = await stream(request, outbound, guard, timing)
+    account(request, service, response, started, timing)
+    return response
+
+
+async def pick_key(request: web.Request, service: Service, caller: Caller) -> UsableKey:
+    usable = allowed(
+        await request.app[KEYPOOL].usable(service.slug), caller.owner_id, caller.owner_is_admin
+    )
+    if not usable:
+        raise NoKey(service.slug)
+    return usable[0]
+
+
+def build_outbound(
+    request: web.Request, inbound: Inbound, service: Service, slot: AuthSlot, key: UsableKey
+) -> tuple[Outbound, BodyGuard | None]:
+    settings = request.app[SETTINGS]
+    url = routing.upstream_url(
+        service.base_url, inbound.path, upstream_query(inbound.query, slot, key.secret)
+    )
+    headers = upstream_headers(inbound.headers, slot, key.secret)
+    guard = None
+    body: bytes | AsyncIterator[bytes] | None = inbound.body
+    if inbound.stream_body and request.body_exists:
+        limit = settings.gateway_max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
+            raise PayloadTooLarge(f"request body over {limit} bytes")
+        guard = BodyGuard(request, limit, settings.client_idle_timeout_s)
+        body = guard.chunks()
+    outbound = Outbound(
+        service=service.slug,
+        method=inbound.method,
+        url=url,
+        headers=headers,
+        body=body,
+        key=key.secret,
+        extra_headers={"X-Wallet-Key-Id": key.id, "X-Wallet-Fallbacks": "0"},
+    )
+    return outbound, guard
+
+
+def account(
+    request: web.Request,
+    service: Service,
+    response: web.StreamResponse,
+    started: float,
+    timing: Timing,
+) -> None:
+    metrics = request.app[METRICS]
+    labels = {"service": service.slug}
+    metrics.proxied.inc({**labels, "status": f"{response.status // 100}xx"})
+    if timing.upstream_headers:
+        metrics.upstream_latency.observe(labels, timing.upstream_headers - timing.upstream_started)
+        overhead = (timing.upstream_started - started) + (
+            timing.client_prepared - timing.upstream_headers
+        )
+        metrics.overhead.observe(labels, max(overhead, 0.0))
