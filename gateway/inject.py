@@ -30,10 +30,10 @@ HOP_BY_HOP: Final = frozenset(
         "trailers",
         "transfer-encoding",
         "upgrade",
-        "host",
-        "accept-encoding",
     }
 )
+# Request headers the gateway sets itself (aiohttp negotiates encoding and decompresses).
+REQUEST_DROP: Final = HOP_BY_HOP | {"host", "accept-encoding"}
 # Headers that describe the client or the gateway, never forwarded.
 CLIENT_ONLY: Final = frozenset(
     {
@@ -50,22 +50,7 @@ CLIENT_ONLY: Final = frozenset(
     }
 )
 # Response headers never relayed to the client (hop-by-hop, or describing a body we re-encode).
-RESPONSE_DROP: Final = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "trailers",
-        "transfer-encoding",
-        "upgrade",
-        "content-encoding",
-        "content-length",
-        "set-cookie",
-    }
-)
+RESPONSE_DROP: Final = HOP_BY_HOP | {"content-encoding", "content-length", "set-cookie"}
 
 
 @dataclass(frozen=True)
@@ -119,7 +104,7 @@ def upstream_headers(
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in CLIENT_ONLY or lower.startswith("x-wallet-"):
+        if lower in REQUEST_DROP or lower in CLIENT_ONLY or lower.startswith("x-wallet-"):
             continue
         if slot.type == "header" and slot.name and lower == slot.name.lower():
             continue
