@@ -18,6 +18,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from argon2 import PasswordHasher
 from redis.asyncio import Redis
@@ -215,3 +216,18 @@ def random_master_key_b64() -> str:
 
 def with_settings(settings: Settings, **changes: Any) -> Settings:
     return replace(settings, **changes)
+
+
+async def assert_error(resp: ClientResponse, status: int, code: str) -> dict[str, Any]:
+    """The one error shape: {"error": {"code", "message", "request_id", ...}}."""
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/json"
+    body = await resp.json()
+    assert set(body) == {"error"}
+    error: dict[str, Any] = body["error"]
+    assert {"code", "message", "request_id"} <= set(error)
+    assert error["code"] == code
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert error["request_id"] == resp.headers["X-Request-Id"]
+    return error

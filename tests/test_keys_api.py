@@ -8,11 +8,11 @@ import uuid
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from gateway import keys
 from gateway.appkeys import POOL, VAULT
+from tests.conftest import assert_error
 
 Client = TestClient[Any, Any]
 
@@ -23,21 +23,6 @@ def openai_secret() -> str:
 
 def stripe_secret(prefix: str = "sk_test_") -> str:
     return prefix + secrets.token_hex(12)
-
-
-async def assert_error(resp: ClientResponse, status: int, code: str) -> dict[str, Any]:
-    """The one error shape: {"error": {"code", "message", "request_id", ...}}."""
-    assert resp.status == status, await resp.text()
-    assert resp.content_type == "application/json"
-    body = await resp.json()
-    assert set(body) == {"error"}
-    error: dict[str, Any] = body["error"]
-    assert {"code", "message", "request_id"} <= set(error)
-    assert error["code"] == code
-    assert isinstance(error["message"], str)
-    assert error["message"]
-    assert error["request_id"] == resp.headers["X-Request-Id"]
-    return error
 
 
 async def add_key(

@@ -7,12 +7,12 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from conftest import login
 
 from admin.app import create_app
 from gateway.settings import Settings
+from tests.conftest import assert_error
 
 Client = TestClient[Any, Any]
 
@@ -22,17 +22,6 @@ ACME: dict[str, Any] = {
     "base_url": "https://api.acme.test/v2",
     "auth": {"type": "header", "name": "X-Acme-Key"},
 }
-
-
-async def assert_error(resp: ClientResponse, status: int, code: str) -> dict[str, Any]:
-    assert resp.status == status, await resp.text()
-    body = await resp.json()
-    assert set(body) == {"error"}
-    error: dict[str, Any] = body["error"]
-    assert {"code", "message", "request_id"} <= set(error)
-    assert error["code"] == code
-    assert error["request_id"] == resp.headers["X-Request-Id"]
-    return error
 
 
 async def service(client: Client, headers: dict[str, str], slug: str) -> dict[str, Any]:

@@ -11,27 +11,16 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from gateway import tokens
 from gateway.appkeys import POOL
 from gateway.secret import Secret
 from gateway.settings import Settings
+from tests.conftest import assert_error
 
 Client = TestClient[Any, Any]
 URL_UNRESERVED = re.compile(r"^[A-Za-z0-9._~-]+$")
-
-
-async def assert_error(resp: ClientResponse, status: int, code: str) -> dict[str, Any]:
-    assert resp.status == status, await resp.text()
-    body = await resp.json()
-    assert set(body) == {"error"}
-    error: dict[str, Any] = body["error"]
-    assert {"code", "message", "request_id"} <= set(error)
-    assert error["code"] == code
-    assert error["request_id"] == resp.headers["X-Request-Id"]
-    return error
 
 
 async def create_token(client: Client, headers: dict[str, str], **fields: Any) -> dict[str, Any]:

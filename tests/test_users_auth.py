@@ -18,19 +18,9 @@ from admin import auth
 from gateway import users
 from gateway.appkeys import POOL
 from gateway.settings import Settings
+from tests.conftest import assert_error
 
 Client = TestClient[Any, Any]
-
-
-async def assert_error(resp: ClientResponse, status: int, code: str) -> dict[str, Any]:
-    assert resp.status == status, await resp.text()
-    body = await resp.json()
-    assert set(body) == {"error"}
-    error: dict[str, Any] = body["error"]
-    assert {"code", "message", "request_id"} <= set(error)
-    assert error["code"] == code
-    assert error["request_id"] == resp.headers["X-Request-Id"]
-    return error
 
 
 async def assert_unauthenticated(resp: ClientResponse) -> None:
