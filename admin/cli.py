@@ -20,10 +20,12 @@ from typing import Any, Final, TypeVar
 import structlog
 from aiohttp import web
 
-from admin import bootstrap, embedded
+from admin import bootstrap, embedded, workers
 from admin.app import create_app as create_admin_app
+from admin.workers import Slot
 from gateway import audit, canary, db, logs, services
 from gateway.app import create_app as create_gateway_app
+from gateway.appkeys import SIBLINGS
 from gateway.errors import WalletError
 from gateway.rotation import reseal_all
 from gateway.secret import Secret
@@ -33,6 +35,8 @@ from gateway.vault import Vault
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 EXIT_USAGE: Final = 2
+SHUTDOWN_TIMEOUT_S: Final = 10.0
+MAX_WORKERS: Final = 64
 APPS: Final = {"gateway": create_gateway_app, "admin": create_admin_app}
 
 
@@ -116,9 +120,13 @@ async def _prepare(settings: Settings) -> bootstrap.Prepared:
     return prepared
 
 
-async def serve(settings: Settings, which: Sequence[str]) -> None:
-    """Serve the apps until SIGINT/SIGTERM; the first signal drains, later ones are noted."""
-    await _prepare(settings)
+async def serve(
+    settings: Settings, which: Sequence[str], *, prepare: bool = True, slot: Slot | None = None
+) -> None:
+    """Serve the apps until SIGINT/SIGTERM; the first signal drains, later ones are noted.
+    Under `--workers N` this runs in each forked process, for its `slot`."""
+    if prepare:
+        await _prepare(settings)
     runners: list[web.AppRunner] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -126,7 +134,7 @@ async def serve(settings: Settings, which: Sequence[str]) -> None:
     def on_signal(signum: int) -> None:
         if stop.is_set():
             say("already shutting down; finishing the drain")
-        else:
+        elif slot is None:
             say(f"received {signal.Signals(signum).name}; shutting down")
         stop.set()
 
@@ -134,26 +142,38 @@ async def serve(settings: Settings, which: Sequence[str]) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
     try:
         for name in which:
+            app = APPS[name](settings)
+            if slot is not None and slot.run_dir is not None:
+                app[SIBLINGS] = slot.siblings
             runner = web.AppRunner(
-                APPS[name](settings), access_log=None, handle_signals=False, shutdown_timeout=10
+                app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
             )
             await runner.setup()
             runners.append(runner)
-            port = settings.gateway_port if name == "gateway" else settings.admin_port
-            try:
-                await web.TCPSite(runner, settings.host, port).start()
-            except OSError as exc:
-                env = "GATEWAY_PORT" if name == "gateway" else "ADMIN_PORT"
-                raise Fatal(
-                    f"cannot listen on {settings.host}:{port} ({exc.strerror}); set {env}"
-                ) from None
-            for address in runner.addresses:
-                say(f"{name} listening on http://{address[0]}:{address[1]}")
+            await _listen(settings, runner, name, slot)
         _print_welcome(settings, runners)
         await stop.wait()
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+
+
+async def _listen(settings: Settings, runner: web.AppRunner, name: str, slot: Slot | None) -> None:
+    port = settings.gateway_port if name == "gateway" else settings.admin_port
+    worker = slot is not None and slot.run_dir is not None
+    try:
+        await web.TCPSite(runner, settings.host, port, reuse_port=worker or None).start()
+    except OSError as exc:
+        env = "GATEWAY_PORT" if name == "gateway" else "ADMIN_PORT"
+        raise Fatal(
+            f"cannot listen on {settings.host}:{port} ({exc.strerror}); set {env}"
+        ) from None
+    if slot is not None and slot.own_socket is not None:
+        await web.UnixSite(runner, str(slot.own_socket)).start()
+    label = slot.label if slot is not None else name
+    for address in runner.addresses:
+        if isinstance(address, tuple):
+            say(f"{label} listening on http://{address[0]}:{address[1]}")
 
 
 def _print_welcome(settings: Settings, runners: list[web.AppRunner]) -> None:
@@ -171,16 +191,50 @@ def _print_welcome(settings: Settings, runners: list[web.AppRunner]) -> None:
     say("press Ctrl-C to stop")
 
 
-def _serve_command(which: Sequence[str]) -> None:
+def _serve_command(which: Sequence[str], worker_count: int) -> None:
     settings, servers = with_servers(load_settings())
     try:
-        run_async(lambda: serve(settings, which))
+        if worker_count == 1:
+            run_async(lambda: serve(settings, which))
+        else:
+            _serve_workers(settings, which, worker_count)
     finally:
         if servers is not None:
             # Ctrl-C pressed twice must not interrupt the databases' clean stop.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             servers.stop(say)
+
+
+def _serve_workers(settings: Settings, which: Sequence[str], worker_count: int) -> None:
+    """Prepare once, then fork the workers (see admin/workers.py)."""
+    run_async(lambda: _prepare(settings))
+    slots, run_dir = workers.plan(list(which), worker_count)
+    say(f"starting {worker_count} gateway workers on port {settings.gateway_port}")
+
+    def run(slot: Slot) -> None:
+        try:
+            run_async(lambda: serve(settings, [slot.app], prepare=False, slot=slot))
+        except Fatal as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(exc.status) from None
+
+    try:
+        workers.Supervisor(slots, run, say).serve()
+    except workers.GroupFailed as exc:
+        raise Fatal(str(exc)) from None
+    finally:
+        workers.remove_run_dir(run_dir)
+
+
+def _workers_arg(value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_WORKERS}")
+    return count
 
 
 async def _with_conn(settings: Settings, work: Callable[[db.Connection], Awaitable[T]]) -> T:
@@ -316,9 +370,20 @@ def parser() -> argparse.ArgumentParser:
         ("gateway", "serve the gateway only"),
         ("admin", "serve the admin app"),
     ):
-        sub.add_parser(name, help=text).set_defaults(
-            func=lambda _a, n=name: _serve_command(["gateway", "admin"] if n == "run" else [n])
+        command = sub.add_parser(name, help=text)
+        command.set_defaults(
+            func=lambda a, n=name: _serve_command(
+                ["gateway", "admin"] if n == "run" else [n], getattr(a, "workers", 1)
+            )
         )
+        if name != "admin":
+            command.add_argument(
+                "--workers",
+                type=_workers_arg,
+                default=1,
+                metavar="N",
+                help="gateway processes sharing the port (SO_REUSEPORT); default 1",
+            )
     sub.add_parser("migrate", help="apply pending sql/ migrations").set_defaults(func=cmd_migrate)
     sub.add_parser("seed", help="add missing built-in services").set_defaults(func=cmd_seed)
     rotate = sub.add_parser(

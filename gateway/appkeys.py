@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
@@ -22,3 +24,5 @@ APP_NAME = web.AppKey("app_name", str)
 CATALOG = web.AppKey("catalog", Catalog)
 CALLERS = web.AppKey("callers", Callers)
 KEYPOOL = web.AppKey("keypool", KeyPool)
+# Gateway started with `--workers N`: the other workers' local sockets, for merged metrics.
+SIBLINGS = web.AppKey("siblings", tuple[Path, ...])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Final
 
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
 
@@ -73,3 +75,51 @@ class Metrics:
             const_labels=labels,
             registry=self.registry,
         )
+
+
+# Families whose merged value across worker processes is the largest one, not the sum.
+MERGE_BY_MAX: Final = frozenset({"wallet_vault_sealed"})
+
+
+def merge_exposition(texts: list[str]) -> str:
+    """Merge the text expositions of several worker processes into one, as if one process had
+    served every request: counters, histogram buckets/sums/counts and in-flight gauges add up;
+    the families in MERGE_BY_MAX take the largest value. Each family keeps its HELP and TYPE
+    once, in the order first seen."""
+    families: dict[str, list[str]] = {}  # family -> its comment lines
+    samples: dict[str, dict[str, float]] = {}  # family -> series -> value
+    family = ""
+    for text in texts:
+        for line in text.splitlines():
+            if not line:
+                continue
+            if line.startswith("#"):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    family = parts[2]
+                    comments = families.setdefault(family, [])
+                    if len(comments) < 2 and line not in comments:
+                        comments.append(line)
+                    samples.setdefault(family, {})
+                continue
+            series, _, value = line.rpartition(" ")
+            merged = samples.setdefault(family, {})
+            number = float(value)
+            if series in merged:
+                old = merged[series]
+                merged[series] = max(old, number) if family in MERGE_BY_MAX else old + number
+            else:
+                merged[series] = number
+    out: list[str] = []
+    for name, comments in families.items():
+        out += comments
+        out += [f"{series} {_number(value)}" for series, value in samples[name].items()]
+    return "\n".join(out) + "\n"
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
