@@ -8,7 +8,16 @@ from typing import Final
 
 from aiohttp import web
 
-from gateway import envelope, invalidation, monitoring, proxy, resources, tasks, upstream
+from gateway import (
+    envelope,
+    invalidation,
+    monitoring,
+    proxy,
+    resources,
+    tasks,
+    upstream,
+    wsrelay,
+)
 from gateway.appkeys import (
     APP_NAME,
     CALLERS,
@@ -77,7 +86,7 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     app = base_app(settings, "gateway", REQUEST_ID_HEADER)
-    app.cleanup_ctx.extend((tasks.tasks_ctx, upstream.session_ctx, caches_ctx))
+    app.cleanup_ctx.extend((tasks.tasks_ctx, upstream.session_ctx, wsrelay.session_ctx, caches_ctx))
     app.router.add_post("/proxy", envelope.handle, name="proxy.envelope")
     app.router.add_route("*", "/{service}", proxy.reverse, name="proxy.service")
     app.router.add_route("*", "/{service}/{path:.*}", proxy.reverse, name="proxy.reverse")

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import routing
+from gateway import routing, wsrelay
 from gateway.appkeys import CALLERS, CATALOG, KEYPOOL, METRICS, SETTINGS
 from gateway.callers import Caller
 from gateway.errors import NoKey, NotFound, PayloadTooLarge
@@ -81,7 +81,10 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
     caller = await app[CALLERS].authenticate(token, service.slug)
     key = await pick_key(request, service, caller)
     outbound, guard = build_outbound(request, inbound, service, slot, key)
-    response = await stream(request, outbound, guard, timing)
+    if inbound.stream_body and wsrelay.is_upgrade(request):
+        response = await wsrelay.relay(request, outbound, timing)
+    else:
+        response = await stream(request, outbound, guard, timing)
     account(request, service, response, started, timing)
     return response
 
