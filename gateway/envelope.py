@@ -66,6 +66,10 @@ def _headers(value: object) -> CIMultiDict[str]:
     for name, v in value.items():
         if "\r" in v or "\n" in v or "\r" in name or "\n" in name or ":" in name:
             raise ValidationFailed("headers", "names and values must be single lines")
+        # The gateway encodes the body itself: a client's length would truncate it, or leave
+        # the upstream waiting for bytes that never come.
+        if name.lower() == "content-length":
+            continue
         out[name] = v
     return out
 

@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.errors import PayloadTooLarge, WalletError
-from gateway.inject import response_headers
+from gateway.inject import response_headers, response_reason
 from gateway.scrub import Scrubber
 from gateway.secret import Secret
 from gateway.upstream import SESSION, upstream_errors
@@ -93,7 +93,9 @@ async def stream(
                 headers = response_headers(upstream.headers, out.key)
                 headers.update(out.extra_headers)
                 response = web.StreamResponse(
-                    status=upstream.status, reason=upstream.reason, headers=headers
+                    status=upstream.status,
+                    reason=response_reason(upstream.reason, out.key),
+                    headers=headers,
                 )
                 await response.prepare(request)
                 timing.client_prepared = loop.time()

@@ -74,6 +74,24 @@ def _is_token(value: str) -> bool:
     return value.startswith(PREFIX)
 
 
+def _carries_token(value: str) -> bool:
+    """Anywhere in a header or query value: a wallet token is never sent upstream."""
+    return PREFIX in value
+
+
+def _basic_value(secret: str) -> str:
+    pair = secret if ":" in secret else f"{secret}:"
+    return base64.b64encode(pair.encode()).decode()
+
+
+def key_forms(secret: str) -> tuple[str, ...]:
+    """Every form in which a key is written into an upstream request, longest first: as is
+    (bearer, named header), percent-encoded (query) and base64 (basic auth). An upstream
+    that echoes its request back echoes one of these."""
+    forms = {secret, quote(secret, safe=""), _basic_value(secret)} if secret else set()
+    return tuple(sorted(forms, key=len, reverse=True))
+
+
 def find_token(
     headers: Mapping[str, str], query: Iterable[tuple[str, str]], slot: AuthSlot
 ) -> Secret[str] | None:
@@ -106,6 +124,8 @@ def upstream_headers(
         lower = name.lower()
         if lower in REQUEST_DROP or lower in CLIENT_ONLY or lower.startswith("x-wallet-"):
             continue
+        if _carries_token(value):
+            continue
         if slot.type == "header" and slot.name and lower == slot.name.lower():
             continue
         out.add(name, value)
@@ -113,8 +133,7 @@ def upstream_headers(
     if slot.type == "bearer":
         out["Authorization"] = f"Bearer {secret}"
     elif slot.type == "basic":
-        pair = secret if ":" in secret else f"{secret}:"
-        out["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        out["Authorization"] = "Basic " + _basic_value(secret)
     elif slot.type == "header" and slot.name:
         out[slot.name] = secret
     return out
@@ -125,7 +144,7 @@ def upstream_query(raw_query: str, slot: AuthSlot, key: Secret[str]) -> str:
     kept = []
     for pair in raw_query.split("&") if raw_query else []:
         name, _, value = pair.partition("=")
-        if _is_token(unquote_plus(value)):
+        if _carries_token(unquote_plus(value)) or _carries_token(unquote_plus(name)):
             continue
         if slot.type == "query" and unquote_plus(name) == slot.name:
             continue
@@ -136,14 +155,24 @@ def upstream_query(raw_query: str, slot: AuthSlot, key: Secret[str]) -> str:
 
 
 def response_headers(upstream: CIMultiDictProxy[str], key: Secret[str]) -> CIMultiDict[str]:
-    """Upstream response headers to relay: hop-by-hop dropped, any echo of the key scrubbed."""
-    secret = key.reveal()
-    encoded = quote(secret, safe="")
+    """Upstream response headers to relay: hop-by-hop dropped, any echo of the key (in any
+    form it was sent in) scrubbed from values, and a header whose name echoes it dropped."""
+    forms = key_forms(key.reveal())
+    lowered = tuple(form.lower() for form in forms)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
-        if name.lower() in RESPONSE_DROP:
+        if name.lower() in RESPONSE_DROP or any(form in name.lower() for form in lowered):
             continue
-        if secret in value or encoded in value:
-            value = value.replace(secret, "[redacted]").replace(encoded, "[redacted]")
+        for form in forms:
+            value = value.replace(form, "[redacted]")
         out.add(name, value)
     return out
+
+
+def response_reason(reason: str | None, key: Secret[str]) -> str | None:
+    """The upstream's reason phrase with any echo of the key scrubbed."""
+    if reason is None:
+        return None
+    for form in key_forms(key.reveal()):
+        reason = reason.replace(form, "[redacted]")
+    return reason

@@ -8,15 +8,16 @@ never delayed.
 from __future__ import annotations
 
 from typing import Final
-from urllib.parse import quote
+
+from gateway.inject import key_forms
 
 REDACTED: Final = b"[redacted]"
 
 
 class Scrubber:
     def __init__(self, secret: str) -> None:
-        needles = {secret.encode(), quote(secret, safe="").encode()}
-        self._needles = tuple(sorted((n for n in needles if n), key=len, reverse=True))
+        # Every form the key was sent in (raw, percent-encoded, basic-auth base64).
+        self._needles = tuple(form.encode() for form in key_forms(secret))
         self._carry = b""
 
     def _held(self, data: bytes) -> int:

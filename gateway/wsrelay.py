@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from gateway.appkeys import SETTINGS
 from gateway.errors import WalletError
 from gateway.forward import Outbound, Timing
-from gateway.inject import response_headers
+from gateway.inject import key_forms, response_headers
 from gateway.upstream import upstream_errors
 
 log = structlog.get_logger(__name__)
@@ -158,13 +158,19 @@ async def _pump_down(
     upstream: aiohttp.ClientWebSocketResponse, client: web.WebSocketResponse, secret: str
 ) -> None:
     """Upstream → client with any echo of the key scrubbed; then close the client side."""
-    encoded = secret.encode()
+    forms = key_forms(secret)
     try:
         async for message in upstream:
             if message.type == WSMsgType.TEXT:
-                await client.send_str(message.data.replace(secret, REDACTED))
+                text: str = message.data
+                for form in forms:
+                    text = text.replace(form, REDACTED)
+                await client.send_str(text)
             elif message.type == WSMsgType.BINARY:
-                await client.send_bytes(message.data.replace(encoded, REDACTED.encode()))
+                data: bytes = message.data
+                for form in forms:
+                    data = data.replace(form.encode(), REDACTED.encode())
+                await client.send_bytes(data)
     except (aiohttp.ClientError, ConnectionError) as exc:
         log.info("websocket_closed", side="client", error=type(exc).__name__)
     finally:
