@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck migrate seed fuzz format clean
+.PHONY: install run test lint typecheck migrate seed fuzz format clean bench
 
 install: $(STAMP)
 
@@ -22,12 +22,12 @@ test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check gateway admin tests
-	$(BIN)/ruff format --check gateway admin tests
+	$(BIN)/ruff check gateway admin tests bench
+	$(BIN)/ruff format --check gateway admin tests bench
 
 format: install
-	$(BIN)/ruff format gateway admin tests
-	$(BIN)/ruff check --fix gateway admin tests
+	$(BIN)/ruff format gateway admin tests bench
+	$(BIN)/ruff check --fix gateway admin tests bench
 
 typecheck: install
 	$(BIN)/mypy
@@ -41,6 +41,10 @@ seed: install
 # Fuzz the admin API of a running `make run` from its OpenAPI document (see README).
 fuzz: install
 	$(BIN)/python -m pytest -q tests/test_fuzz.py $(PYTEST_ARGS)
+
+# Gateway vs a direct call and a bare aiohttp proxy, on loopback (see bench/bench.py).
+bench: install
+	$(BIN)/python -m bench.bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
