@@ -145,9 +145,7 @@ async def serve(
             app = APPS[name](settings)
             if slot is not None and slot.run_dir is not None:
                 app[SIBLINGS] = slot.siblings
-            runner = web.AppRunner(
-                app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT_S
-            )
+            runner = make_runner(name, app)
             await runner.setup()
             runners.append(runner)
             await _listen(settings, runner, name, slot)
@@ -156,6 +154,22 @@ async def serve(
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+
+
+def make_runner(
+    name: str, app: web.Application, shutdown_timeout: float = SHUTDOWN_TIMEOUT_S
+) -> web.AppRunner:
+    """How production serves an app (the tests build their gateways here too)."""
+    return web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=shutdown_timeout,
+        # A client that hangs up cancels its gateway handler, which closes the upstream request
+        # at once (a quiet stream, or an upstream still thinking, would otherwise hold it, and
+        # its bill, until the upstream's next bytes or a timeout).
+        handler_cancellation=name == "gateway",
+    )
 
 
 async def _listen(settings: Settings, runner: web.AppRunner, name: str, slot: Slot | None) -> None:

@@ -26,6 +26,10 @@ FROM tokens t JOIN users u ON u.id = t.owner_id
 WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND u.enabled"""
 
 
+class _LookupAbandoned(Exception):
+    """The request doing a shared token lookup was cancelled before it finished."""
+
+
 @dataclass(frozen=True)
 class Caller:
     token_id: str
@@ -61,17 +65,28 @@ class Callers:
         )
 
     async def _get(self, digest: bytes) -> Caller | None:
-        entry = self._entries.get(digest)
-        if entry is not None and entry.until > time.monotonic():
-            return entry.caller
-        pending = self._inflight.get(digest)
-        if pending is not None:  # one database lookup however many requests wait for it
-            return await asyncio.shield(pending)
+        while True:
+            entry = self._entries.get(digest)
+            if entry is not None and entry.until > time.monotonic():
+                return entry.caller
+            pending = self._inflight.get(digest)
+            if pending is None:
+                break
+            try:  # one database lookup however many requests wait for it
+                return await asyncio.shield(pending)
+            except _LookupAbandoned:
+                continue  # the request doing it went away; this one is still here
         future: asyncio.Future[Caller | None] = asyncio.get_running_loop().create_future()
         self._inflight[digest] = future
         try:
             caller = await self._lookup(digest)
             future.set_result(caller)
+        except asyncio.CancelledError:
+            # This request's client hung up: the requests waiting on the same lookup must not
+            # inherit the cancellation (they would be dropped without an answer).
+            future.set_exception(_LookupAbandoned())
+            future.exception()
+            raise
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it themselves
