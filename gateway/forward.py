@@ -20,13 +20,15 @@ from yarl import URL
 
 from gateway.errors import PayloadTooLarge, WalletError
 from gateway.inject import response_headers, response_reason
-from gateway.scrub import Scrubber
+from gateway.scrub import REDACTED, Scrubber
 from gateway.secret import Secret
 from gateway.upstream import SESSION, upstream_errors
 
 log = structlog.get_logger(__name__)
 
 NO_BODY_STATUSES: Final = frozenset({204, 304})
+# Bodies up to this size with a Content-Length are relayed whole (see `_whole_body`).
+WHOLE_BODY_BYTES: Final = 64 * 1024
 
 
 class ClientTooSlow(WalletError):
@@ -68,6 +70,7 @@ class Outbound:
     headers: CIMultiDict[str]
     body: bytes | AsyncIterator[bytes] | None
     key: Secret[str]
+    forms: tuple[str, ...]  # the key as the upstream may echo it (inject.key_forms)
     extra_headers: dict[str, str]
 
 
@@ -90,12 +93,17 @@ async def stream(
                 out.method, out.url, headers=out.headers, data=out.body, allow_redirects=False
             ) as upstream:
                 timing.upstream_headers = loop.time()
-                headers = response_headers(upstream.headers, out.key)
+                headers = response_headers(upstream.headers, out.forms)
                 headers.update(out.extra_headers)
+                reason = response_reason(upstream.reason, out.forms)
+                if _whole_body(out.method, upstream):
+                    body = _scrubbed(await upstream.read(), out.forms)
+                    timing.client_prepared = loop.time()
+                    return web.Response(
+                        status=upstream.status, reason=reason, headers=headers, body=body
+                    )
                 response = web.StreamResponse(
-                    status=upstream.status,
-                    reason=response_reason(upstream.reason, out.key),
-                    headers=headers,
+                    status=upstream.status, reason=reason, headers=headers
                 )
                 await response.prepare(request)
                 timing.client_prepared = loop.time()
@@ -108,6 +116,28 @@ async def stream(
         raise
 
 
+def _whole_body(method: str, upstream: aiohttp.ClientResponse) -> bool:
+    """A small body of known length, not compressed: read it whole and answer in one write
+    with its exact length (a streamed answer costs a chunked body and several writes). An
+    upstream that breaks off mid-body then gets a clean 502 instead of a truncated 200."""
+    length = upstream.content_length
+    return (
+        method != "HEAD"
+        and upstream.status not in NO_BODY_STATUSES
+        and length is not None
+        and length <= WHOLE_BODY_BYTES
+        and "Content-Encoding" not in upstream.headers
+    )
+
+
+def _scrubbed(body: bytes, forms: tuple[str, ...]) -> bytes:
+    for form in forms:
+        needle = form.encode()
+        if needle in body:
+            body = body.replace(needle, REDACTED)
+    return body
+
+
 async def _relay_or_abort(
     request: web.Request,
     upstream: aiohttp.ClientResponse,
@@ -118,7 +148,7 @@ async def _relay_or_abort(
     either side, cut the client connection so it sees a truncated body, not a complete one.
     Leaving the `async with` then closes the upstream request."""
     try:
-        await _relay(upstream, response, Scrubber(out.key.reveal()))
+        await _relay(upstream, response, Scrubber(out.key.reveal(), out.forms))
         await response.write_eof()
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         log.warning("stream_aborted", service=out.service, error=type(exc).__name__)

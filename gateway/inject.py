@@ -154,10 +154,9 @@ def upstream_query(raw_query: str, slot: AuthSlot, key: Secret[str]) -> str:
     return "&".join(kept)
 
 
-def response_headers(upstream: CIMultiDictProxy[str], key: Secret[str]) -> CIMultiDict[str]:
-    """Upstream response headers to relay: hop-by-hop dropped, any echo of the key (in any
-    form it was sent in) scrubbed from values, and a header whose name echoes it dropped."""
-    forms = key_forms(key.reveal())
+def response_headers(upstream: CIMultiDictProxy[str], forms: tuple[str, ...]) -> CIMultiDict[str]:
+    """Upstream response headers to relay: hop-by-hop dropped, any echo of the key (in any of
+    its `key_forms`) scrubbed from values, and a header whose name echoes it dropped."""
     lowered = tuple(form.lower() for form in forms)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
@@ -169,10 +168,10 @@ def response_headers(upstream: CIMultiDictProxy[str], key: Secret[str]) -> CIMul
     return out
 
 
-def response_reason(reason: str | None, key: Secret[str]) -> str | None:
-    """The upstream's reason phrase with any echo of the key scrubbed."""
+def response_reason(reason: str | None, forms: tuple[str, ...]) -> str | None:
+    """The upstream's reason phrase with any echo of the key (any of `key_forms`) scrubbed."""
     if reason is None:
         return None
-    for form in key_forms(key.reveal()):
+    for form in forms:
         reason = reason.replace(form, "[redacted]")
     return reason

@@ -14,6 +14,7 @@ import structlog
 
 from gateway.db import Pool
 from gateway.errors import VaultSealed
+from gateway.inject import key_forms
 from gateway.selection import UsableKey, rank
 from gateway.vault import Sealed, Vault, VaultError, key_aad
 
@@ -65,6 +66,7 @@ class KeyPool:
                     row["priority"],
                     row["created_at"],
                     secret,
+                    key_forms(secret.reveal()),
                 )
             )
         ranked = tuple(rank(keys))

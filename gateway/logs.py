@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import json
 import logging
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import structlog
@@ -14,6 +18,8 @@ from yarl import URL
 from gateway.secret import Secret
 
 REDACTED: Final = "[redacted]"
+BATCH_S: Final = 0.1
+BATCH_LINES: Final = 256
 SECRET_FIELDS: Final = frozenset(
     {
         "password",
@@ -91,8 +97,78 @@ def redact_url(url: URL) -> str:
     return str(URL.build(path=url.raw_path, encoded=True).with_query(query))
 
 
+class AccessLog:
+    """The one line per request, in the same shape as every other event. It is the only log
+    call on the hot path, and structlog's general chain (every field redacted, timestamped,
+    rendered, then two writes) costs more than a short proxied request itself. Here the path
+    and method are redacted like any value, and on the process's stderr the lines are
+    batched: written together within BATCH_S, or at once when BATCH_LINES are waiting, and
+    flushed at exit."""
+
+    def __init__(
+        self, stream: Any, fmt: str, enabled: bool, redactor: Redactor, batch: bool
+    ) -> None:
+        self._stream = stream
+        self._json = fmt == "json"
+        self.enabled = enabled
+        self._redactor = redactor
+        self._batch = batch
+        self._pending: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __call__(self, method: str, path: str, status: int, ms: float, request_id: str) -> None:
+        if not self.enabled:
+            return
+        scrub = self._redactor.scrub
+        method, path = scrub(method), scrub(path)
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        if self._json:  # the shape JSONRenderer gives, built directly (it is 5x faster)
+            line = (
+                f'{{"method": {json.dumps(method)}, "path": {json.dumps(path)}, '
+                f'"status": {status}, "ms": {ms}, "request_id": "{request_id}", '
+                f'"event": "request", "level": "info", "timestamp": "{now}"}}'
+            )
+        else:
+            line = (
+                f"{now} [info     ] request                        method={method} "
+                f"ms={ms} path={path} request_id={request_id} status={status}"
+            )
+        self._pending.append(line + "\n")
+        if not self._batch or len(self._pending) >= BATCH_LINES:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+            else:
+                self._timer = loop.call_later(BATCH_S, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending:
+            lines, self._pending = self._pending, []
+            self._stream.write("".join(lines))
+            self._stream.flush()
+
+
+access = AccessLog(sys.stderr, "json", True, Redactor(), batch=False)
+atexit.register(lambda: access.flush())
+
+
 def configure(level: str, fmt: str, redactor: Redactor, stream: Any = None) -> None:
     """Configure structlog and route stdlib logging (aiohttp, asyncpg) through it."""
+    global access
+    access.flush()
+    access = AccessLog(
+        stream or sys.stderr,
+        fmt,
+        logging.getLevelNamesMapping()[level.upper()] <= logging.INFO,
+        redactor,
+        batch=stream is None,
+    )
     renderer: Any = (
         structlog.processors.JSONRenderer()
         if fmt == "json"

@@ -4,9 +4,72 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final, cast
 
+from aioprometheus import histogram
 from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
+
+LabelKey = tuple[tuple[str, str], ...]
+# A buffered collector applies its backlog at the latest after this many observations.
+BACKLOG_LIMIT: Final = 1000
+
+
+class BufferedCounter(Counter):
+    """A Counter for the hot path. aioprometheus re-encodes the labels of every update (to
+    JSON, twice); this one tallies updates in a plain dict and applies them in bulk when the
+    counter is read (a scrape) or the backlog grows."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: dict[LabelKey, float] = {}
+        self._backlog = 0
+
+    def inc(self, labels: dict[str, str]) -> None:
+        key = tuple(labels.items())
+        self._pending[key] = self._pending.get(key, 0) + 1
+        self._backlog += 1
+        if self._backlog >= BACKLOG_LIMIT:
+            self.apply_backlog()
+
+    def apply_backlog(self) -> None:
+        pending, self._pending, self._backlog = self._pending, {}, 0
+        for key, amount in pending.items():
+            super().add(dict(key), amount)
+
+    def get_all(self) -> Any:
+        self.apply_backlog()
+        return super().get_all()
+
+
+class BufferedHistogram(Histogram):
+    """A Histogram for the hot path, buffered like BufferedCounter."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: dict[LabelKey, list[float]] = {}
+        self._backlog = 0
+
+    def observe(self, labels: dict[str, str], value: float) -> None:  # type: ignore[override]
+        self._pending.setdefault(tuple(labels.items()), []).append(value)
+        self._backlog += 1
+        if self._backlog >= BACKLOG_LIMIT:
+            self.apply_backlog()
+
+    def apply_backlog(self) -> None:
+        pending, self._pending, self._backlog = self._pending, {}, 0
+        for key, values in pending.items():
+            labels = dict(key)
+            try:
+                tally = cast(histogram.Histogram, self.get_value(labels))
+            except KeyError:
+                tally = histogram.Histogram(*self.upper_bounds)
+                self.set_value(labels, tally)
+            for value in values:
+                tally.observe(value)
+
+    def get_all(self) -> Any:
+        self.apply_backlog()
+        return super().get_all()
 
 
 @dataclass
@@ -15,16 +78,17 @@ class Metrics:
 
     app: str
     registry: Registry = field(default_factory=Registry)
+    in_flight_now: int = 0  # kept as a plain int on the hot path, copied to the gauge on scrape
 
     def __post_init__(self) -> None:
         labels = {"app": self.app}
-        self.requests = Counter(
+        self.requests = BufferedCounter(
             "wallet_http_requests_total",
             "HTTP requests served, by route and status class",
             const_labels=labels,
             registry=self.registry,
         )
-        self.latency = Histogram(
+        self.latency = BufferedHistogram(
             "wallet_http_request_duration_seconds",
             "Time to serve a request, by route",
             const_labels=labels,
@@ -49,20 +113,20 @@ class Metrics:
             const_labels=labels,
             registry=self.registry,
         )
-        self.proxied = Counter(
+        self.proxied = BufferedCounter(
             "wallet_proxied_requests_total",
             "Requests forwarded upstream, by service and status class",
             const_labels=labels,
             registry=self.registry,
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = BufferedHistogram(
             "wallet_upstream_latency_seconds",
             "Time from sending upstream to its response headers, by service",
             const_labels=labels,
             registry=self.registry,
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
         )
-        self.overhead = Histogram(
+        self.overhead = BufferedHistogram(
             "wallet_gateway_overhead_seconds",
             "Time the gateway adds (before the upstream call and before relaying), by service",
             const_labels=labels,

@@ -3,6 +3,7 @@ access logs and request metrics."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import secrets
 import time
@@ -16,6 +17,7 @@ from aiohttp.typedefs import Middleware
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway import logs
 from gateway.appkeys import METRICS
 from gateway.errors import WalletError
 from gateway.logs import redact_url
@@ -111,31 +113,36 @@ def make_middleware(request_id_header: str) -> Middleware:
     """One middleware doing the cross-cutting work in order; `request_id_header` differs
     per app (the gateway must not clash with upstream `X-Request-Id`)."""
 
+    # Request ids: unique per process (a random prefix, made after any fork, and a counter);
+    # they identify, they need not be unguessable, and reading the OS's randomness per
+    # request is a syscall on the hot path.
+    prefix = secrets.token_hex(8)
+    sequence = itertools.count(1)
+
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request_id = secrets.token_hex(12)
+        request_id = f"{prefix}{next(sequence):08x}"
         request[REQUEST_ID] = request_id
         metrics = request.app[METRICS]
         started = time.perf_counter()
         route = request.match_info.route.resource
         route_name = route.canonical if route is not None else "unmatched"
-        metrics.in_flight.inc({})
+        metrics.in_flight_now += 1
         try:
             response = await _render_errors(request, handler, request_id)
         finally:
-            metrics.in_flight.dec({})
+            metrics.in_flight_now -= 1
         elapsed = time.perf_counter() - started
         if not response.prepared:
             _stamp(response, request_id_header, request_id)
         metrics.requests.inc({"route": route_name, "status": f"{response.status // 100}xx"})
         metrics.latency.observe({"route": route_name}, elapsed)
-        log.info(
-            "request",
-            method=request.method,
-            path=redact_url(request.rel_url),
-            status=response.status,
-            ms=round(elapsed * 1000, 2),
-            request_id=request_id,
+        logs.access(
+            request.method,
+            redact_url(request.rel_url),
+            response.status,
+            round(elapsed * 1000, 2),
+            request_id,
         )
         return response
 

@@ -60,6 +60,7 @@ async def metrics(request: web.Request) -> web.Response:
         raise NotFound("metrics are disabled (ENABLE_METRICS=false)")
     registry = app[METRICS]
     registry.vault_sealed.set({}, 0 if app[VAULT].unsealed else 1)
+    registry.in_flight.set({}, registry.in_flight_now)
     siblings = app.get(SIBLINGS, ())
     if not siblings or request.query.get("scope") == WORKER_SCOPE:
         body, headers = render(registry.registry, request.headers.getall("Accept", []))

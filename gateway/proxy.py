@@ -19,7 +19,7 @@ from gateway.appkeys import CALLERS, CATALOG, KEYPOOL, METRICS, SETTINGS
 from gateway.callers import Caller
 from gateway.errors import NoKey, NotFound, PayloadTooLarge
 from gateway.forward import BodyGuard, Outbound, Timing, stream
-from gateway.inject import AuthSlot, find_token, upstream_headers, upstream_query
+from gateway.inject import AuthSlot, find_token, key_forms, upstream_headers, upstream_query
 from gateway.selection import UsableKey, allowed
 from gateway.services import RESERVED_SLUGS, Service
 
@@ -121,6 +121,7 @@ def build_outbound(
         headers=headers,
         body=body,
         key=key.secret,
+        forms=key.forms or key_forms(key.secret.reveal()),
         extra_headers={"X-Wallet-Key-Id": key.id, "X-Wallet-Fallbacks": "0"},
     )
     return outbound, guard

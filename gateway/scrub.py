@@ -15,9 +15,10 @@ REDACTED: Final = b"[redacted]"
 
 
 class Scrubber:
-    def __init__(self, secret: str) -> None:
-        # Every form the key was sent in (raw, percent-encoded, basic-auth base64).
-        self._needles = tuple(form.encode() for form in key_forms(secret))
+    def __init__(self, secret: str, forms: tuple[str, ...] | None = None) -> None:
+        # Every form the key was sent in (raw, percent-encoded, basic-auth base64); callers
+        # on the hot path pass the forms they already have.
+        self._needles = tuple(form.encode() for form in forms or key_forms(secret))
         self._carry = b""
 
     def _held(self, data: bytes) -> int:

@@ -7,7 +7,7 @@ release adds quotas, cooldowns and strategies on top of this ranking.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from gateway.secret import Secret
@@ -24,6 +24,7 @@ class UsableKey:
     priority: int
     created_at: datetime
     secret: Secret[str]
+    forms: tuple[str, ...] = field(default=(), repr=False)  # inject.key_forms(secret)
 
 
 def rank(keys: Iterable[UsableKey]) -> list[UsableKey]:

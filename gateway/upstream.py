@@ -41,7 +41,6 @@ async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         # service's own host.
         trust_env=False,
         cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent",),
     )
     yield
     await session.close()

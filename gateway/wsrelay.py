@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from gateway.appkeys import SETTINGS
 from gateway.errors import WalletError
 from gateway.forward import Outbound, Timing
-from gateway.inject import key_forms, response_headers
+from gateway.inject import response_headers
 from gateway.upstream import upstream_errors
 
 log = structlog.get_logger(__name__)
@@ -123,16 +123,15 @@ async def relay(request: web.Request, out: Outbound, timing: Timing) -> web.Stre
         client.headers.update(out.extra_headers)
         await client.prepare(request)
         timing.client_prepared = loop.time()
-        secret = out.key.reveal()
         async with asyncio.TaskGroup() as group:
             group.create_task(_pump_up(client, upstream))
-            group.create_task(_pump_down(upstream, client, secret))
+            group.create_task(_pump_down(upstream, client, out.forms))
     return client
 
 
 def _relay_redirect(response: ClientResponse, out: Outbound) -> web.Response:
     status = response.status
-    headers = response_headers(response.headers, out.key)
+    headers = response_headers(response.headers, out.forms)
     response.close()
     headers.update(out.extra_headers)
     return web.Response(status=status, headers=headers)
@@ -155,10 +154,11 @@ async def _pump_up(
 
 
 async def _pump_down(
-    upstream: aiohttp.ClientWebSocketResponse, client: web.WebSocketResponse, secret: str
+    upstream: aiohttp.ClientWebSocketResponse,
+    client: web.WebSocketResponse,
+    forms: tuple[str, ...],
 ) -> None:
     """Upstream → client with any echo of the key scrubbed; then close the client side."""
-    forms = key_forms(secret)
     try:
         async for message in upstream:
             if message.type == WSMsgType.TEXT:
