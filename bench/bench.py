@@ -497,6 +497,8 @@ class Bench:
             spy.wait(seconds + 60)
             if raw.exists():
                 texts.append(profile.summarise(raw, m.served, f"{target.label}, json c32"))
+                # The collapsed stacks too, for a flame graph or a closer look.
+                shutil.copy(raw, OUT_DIR / f"profile-{target.key}-stacks.txt")
         path = OUT_DIR / "profile-gateway.txt"
         path.write_text("\n".join(texts))
         self.notes.append(f"py-spy profile of the 1-worker proxies written to {path}")

@@ -72,6 +72,8 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
         keypool.clear()
         catalog.invalidate()
 
+    tasks.spawn(app, "catalog-refresh", catalog.keep_fresh())
+    tasks.spawn(app, "keypool-refresh", keypool.keep_fresh())
     ready = asyncio.Event()
     listener = invalidation.listen(app[REDIS], on_message, on_reset, ready)
     tasks.spawn(app, "invalidation-listener", listener)

@@ -21,6 +21,14 @@ log = structlog.get_logger(__name__)
 SQL_DIR: Final = Path(__file__).resolve().parent.parent / "sql"
 # pg_advisory_lock key for migrations: any constant, the same in every process.
 MIGRATION_LOCK: Final = 0x57A11E7
+# What a query raises when PostgreSQL is down, restarting or unreachable.
+DB_ERRORS: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.InterfaceError,
+)
 SCHEMA_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version    text PRIMARY KEY,

@@ -103,7 +103,7 @@ def make_prepare_hook(
     """Stamps streamed responses, whose headers leave before the middleware sees them."""
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-        if REQUEST_ID in request:
+        if REQUEST_ID in request and request_id_header not in response.headers:
             _stamp(response, request_id_header, request[REQUEST_ID])
 
     return on_prepare

@@ -7,6 +7,7 @@ another host. Paths that try to climb out of the service's base path are refused
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -54,9 +55,14 @@ def check_path(raw: str) -> str:
     return raw
 
 
+@functools.lru_cache(maxsize=1024)
+def _parsed(base_url: str) -> URL:
+    return URL(base_url)
+
+
 def upstream_url(base_url: str, raw_path: str, raw_query: str) -> URL:
     """`base_url` + path + query, on the base URL's host whatever the path holds."""
-    base = URL(base_url)
+    base = _parsed(base_url)
     path = check_path(raw_path)
     joined = base.raw_path.rstrip("/") + path if path else base.raw_path or "/"
     return URL.build(
