@@ -115,7 +115,7 @@ class Metrics:
         )
         self.proxied = BufferedCounter(
             "wallet_proxied_requests_total",
-            "Requests forwarded upstream, by service and status class",
+            "Requests for a service, forwarded or refused, by service and status class",
             const_labels=labels,
             registry=self.registry,
         )

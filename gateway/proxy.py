@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import parse_qsl
 
 from aiohttp import web
@@ -17,11 +18,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway import routing, wsrelay
 from gateway.appkeys import CALLERS, CATALOG, KEYPOOL, METRICS, SETTINGS
 from gateway.callers import Caller
-from gateway.errors import NoKey, NotFound, PayloadTooLarge
+from gateway.errors import NoKey, NotFound, PayloadTooLarge, WalletError
 from gateway.forward import BodyGuard, Outbound, Timing, stream
 from gateway.inject import AuthSlot, find_token, key_forms, upstream_headers, upstream_query
 from gateway.selection import UsableKey, allowed
 from gateway.services import RESERVED_SLUGS, Service
+
+UNKNOWN_SERVICE: Final = "unknown"
 
 
 @dataclass(frozen=True)
@@ -75,17 +78,23 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
     app = request.app
     timing = Timing()
     started = asyncio.get_running_loop().time()
-    service = await app[CATALOG].get(inbound.service)
-    slot = AuthSlot(service.auth_type, service.auth_name)
-    token = find_token(inbound.headers, parse_qsl(inbound.query, keep_blank_values=True), slot)
-    caller = await app[CALLERS].authenticate(token, service.slug)
-    key = await pick_key(request, service, caller)
-    outbound, guard = build_outbound(request, inbound, service, slot, key)
-    if inbound.stream_body and wsrelay.is_upgrade(request):
-        response = await wsrelay.relay(request, outbound, timing)
-    else:
-        response = await stream(request, outbound, guard, timing)
-    account(request, service, response, started, timing)
+    label = UNKNOWN_SERVICE  # a metric label: only a known slug, never what the client sent
+    try:
+        service = await app[CATALOG].get(inbound.service)
+        label = service.slug
+        slot = AuthSlot(service.auth_type, service.auth_name)
+        query = parse_qsl(inbound.query, keep_blank_values=True)
+        caller = await app[CALLERS].authenticate(find_token(inbound.headers, query, slot), label)
+        key = await pick_key(request, service, caller)
+        outbound, guard = build_outbound(request, inbound, service, slot, key)
+        if inbound.stream_body and wsrelay.is_upgrade(request):
+            response = await wsrelay.relay(request, outbound, timing)
+        else:
+            response = await stream(request, outbound, guard, timing)
+    except WalletError as exc:
+        count(request, label, exc.status)
+        raise
+    account(request, label, response, started, timing)
     return response
 
 
@@ -127,16 +136,20 @@ def build_outbound(
     return outbound, guard
 
 
+def count(request: web.Request, service: str, status: int) -> None:
+    request.app[METRICS].proxied.inc({"service": service, "status": f"{status // 100}xx"})
+
+
 def account(
     request: web.Request,
-    service: Service,
+    service: str,
     response: web.StreamResponse,
     started: float,
     timing: Timing,
 ) -> None:
+    count(request, service, response.status)
     metrics = request.app[METRICS]
-    labels = {"service": service.slug}
-    metrics.proxied.inc({**labels, "status": f"{response.status // 100}xx"})
+    labels = {"service": service}
     if timing.upstream_headers:
         metrics.upstream_latency.observe(labels, timing.upstream_headers - timing.upstream_started)
         overhead = (timing.upstream_started - started) + (

@@ -237,3 +237,22 @@ async def test_proxy_envelope_endpoint_is_a_path(wired: Wired, endpoint: str) ->
     )
     assert resp.status == 400
     assert wired.upstream.seen == []
+
+
+async def test_metrics_count_requests_by_service_and_status_class(wired: Wired) -> None:
+    ok = {"X-Wallet-Token": wired.token}
+    assert (await wired.gateway.get("/openai/v1/models", headers=ok)).status == 200
+    assert (await wired.gateway.get("/openai/v1/models", headers=ok)).status == 200
+    assert (await wired.gateway.get("/openai/v1/models")).status == 401
+    assert (await wired.gateway.get("/no-such-service-xyz/v1", headers=ok)).status == 404
+    text = await (await wired.gateway.get("/monitoring/metrics")).text()
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
+    proxied = 'wallet_proxied_requests_total{app="gateway",service="%s",status="%s"}'
+    assert samples[proxied % ("openai", "2xx")] == "2"
+    assert samples[proxied % ("openai", "4xx")] == "1"
+    # A slug nobody configured is never a label value (clients can't grow the series).
+    assert samples[proxied % ("unknown", "4xx")] == "1"
+    assert "no-such-service-xyz" not in text
+    assert 'wallet_upstream_latency_seconds_count{app="gateway",service="openai"} 2' in text
+    assert 'wallet_gateway_overhead_seconds_count{app="gateway",service="openai"} 2' in text
+    assert 'wallet_errors_total{app="gateway",code="unauthenticated"} 1' in text
