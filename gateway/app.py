@@ -25,6 +25,7 @@ from gateway.appkeys import (
     KEYPOOL,
     METRICS,
     POOL,
+    QUOTAS,
     REDIS,
     SETTINGS,
     VAULT,
@@ -34,6 +35,7 @@ from gateway.catalog import Catalog
 from gateway.keypool import KeyPool
 from gateway.metrics import Metrics
 from gateway.middleware import make_middleware, make_prepare_hook
+from gateway.quota import Quotas
 from gateway.settings import Settings
 
 REQUEST_ID_HEADER: Final = "X-Wallet-Request-Id"
@@ -58,7 +60,8 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
     """The hot path's in-memory state, kept fresh by the invalidation listener."""
     app[CATALOG] = catalog = Catalog(app[POOL])
     app[CALLERS] = callers = Callers(app[POOL])
-    app[KEYPOOL] = keypool = KeyPool(app[POOL], app[VAULT])
+    app[KEYPOOL] = keypool = KeyPool(app[POOL], app[VAULT], app[SETTINGS].default_free_quota)
+    app[QUOTAS] = Quotas(app[REDIS])
     await catalog.refresh()
 
     def on_message(kind: str, target_id: str | None) -> None:

@@ -12,6 +12,7 @@ from gateway.callers import Callers
 from gateway.catalog import Catalog
 from gateway.keypool import KeyPool
 from gateway.metrics import Metrics
+from gateway.quota import Quotas
 from gateway.settings import Settings
 from gateway.vault import Vault
 
@@ -24,5 +25,6 @@ APP_NAME = web.AppKey("app_name", str)
 CATALOG = web.AppKey("catalog", Catalog)
 CALLERS = web.AppKey("callers", Callers)
 KEYPOOL = web.AppKey("keypool", KeyPool)
+QUOTAS = web.AppKey("quotas", Quotas)
 # Gateway started with `--workers N`: the other workers' local sockets, for merged metrics.
 SIBLINGS = web.AppKey("siblings", tuple[Path, ...])

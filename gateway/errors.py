@@ -85,6 +85,17 @@ class TooManyRequests(WalletError):
         super().__init__(message, headers={"Retry-After": str(max(1, retry_after_s))})
 
 
+class QuotaExhausted(TooManyRequests):
+    code = "quota_exhausted"
+
+    def __init__(self, service: str, retry_after_s: int) -> None:
+        super().__init__(
+            f"every {service} key this token may use has used its quota for the current "
+            "period; retry after the window resets",
+            retry_after_s,
+        )
+
+
 class VaultSealed(WalletError):
     status, code = 503, "vault_sealed"
 

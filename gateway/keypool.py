@@ -16,20 +16,21 @@ import structlog
 from gateway.db import DB_ERRORS, Pool
 from gateway.errors import VaultSealed
 from gateway.inject import key_forms
-from gateway.selection import UsableKey, rank
+from gateway.selection import DEFAULT_PERIOD, UsableKey, quota_of, rank
 from gateway.vault import Sealed, Vault, VaultError, key_aad
 
 log = structlog.get_logger(__name__)
 
 TTL_S: Final = 30.0
-ENABLED_KEYS: Final = """SELECT id, owner_id, service, tier, priority, created_at, kid, sealed
-FROM api_keys WHERE service = $1 AND enabled AND status = 'active'"""
+ENABLED_KEYS: Final = """SELECT id, owner_id, service, tier, priority, created_at, kid, sealed,
+metadata FROM api_keys WHERE service = $1 AND enabled AND status = 'active'"""
 
 
 class KeyPool:
-    def __init__(self, pool: Pool, vault: Vault) -> None:
+    def __init__(self, pool: Pool, vault: Vault, default_free_quota: int) -> None:
         self._pool = pool
         self._vault = vault
+        self._default_free_quota = default_free_quota
         self._by_service: dict[str, tuple[UsableKey, ...]] = {}
         # Bumped by every invalidation: a load that started before one is not cached.
         self._generation = 0
@@ -67,6 +68,7 @@ class KeyPool:
         keys = []
         for row in rows:
             key_id, owner_id = str(row["id"]), str(row["owner_id"])
+            metadata = row["metadata"] if isinstance(row["metadata"], dict) else {}
             try:
                 secret = self._vault.open(
                     Sealed(row["kid"], bytes(row["sealed"])),
@@ -85,6 +87,8 @@ class KeyPool:
                     row["created_at"],
                     secret,
                     key_forms(secret.reveal()),
+                    quota_of(row["tier"], metadata, self._default_free_quota),
+                    str(metadata.get("quotaPeriod") or DEFAULT_PERIOD),
                 )
             )
         return tuple(rank(keys))

@@ -16,11 +16,12 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import routing, wsrelay
-from gateway.appkeys import CALLERS, CATALOG, KEYPOOL, METRICS, SETTINGS
+from gateway.appkeys import CALLERS, CATALOG, KEYPOOL, METRICS, QUOTAS, SETTINGS
 from gateway.callers import Caller
-from gateway.errors import NoKey, NotFound, PayloadTooLarge, WalletError
+from gateway.errors import NoKey, NotFound, PayloadTooLarge, QuotaExhausted, WalletError
 from gateway.forward import BodyGuard, Outbound, Timing, stream
 from gateway.inject import AuthSlot, find_token, key_forms, upstream_headers, upstream_query
+from gateway.quota import Limit
 from gateway.selection import UsableKey, allowed
 from gateway.services import RESERVED_SLUGS, Service
 
@@ -99,12 +100,18 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
 
 
 async def pick_key(request: web.Request, service: Service, caller: Caller) -> UsableKey:
+    """The best key the caller may use that has quota left, charged for this request."""
+    app = request.app
     usable = allowed(
-        await request.app[KEYPOOL].usable(service.slug), caller.owner_id, caller.owner_is_admin
+        await app[KEYPOOL].usable(service.slug), caller.owner_id, caller.owner_is_admin
     )
     if not usable:
         raise NoKey(service.slug)
-    return usable[0]
+    limits = [Limit(k.id, k.quota, k.period) for k in usable]
+    reservation = await app[QUOTAS].reserve(service.slug, limits)
+    if reservation.index is None:
+        raise QuotaExhausted(service.slug, reservation.retry_after_s)
+    return usable[reservation.index]
 
 
 def build_outbound(

@@ -4,16 +4,20 @@ pool → Redis → vault (whose canary check needs the pool)."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Final
 
 import structlog
 from aiohttp import web
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from gateway import canary, db
 from gateway.appkeys import POOL, REDIS, SETTINGS, VAULT
 from gateway.vault import Vault
 
 log = structlog.get_logger(__name__)
+
+REDIS_MAX_CONNECTIONS: Final = 256
+REDIS_TIMEOUT_S: Final = 5.0
 
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -27,12 +31,17 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
 async def redis_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     assert settings.redis_url is not None, "REDIS_URL is resolved before the app starts"
-    app[REDIS] = client = Redis.from_url(
+    # A blocking pool: past REDIS_MAX_CONNECTIONS concurrent commands, a request waits for a
+    # free connection (up to the socket timeout) instead of failing with "too many".
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url.reveal(),
-        socket_timeout=5,
-        socket_connect_timeout=5,
+        max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=REDIS_TIMEOUT_S,
+        socket_timeout=REDIS_TIMEOUT_S,
+        socket_connect_timeout=REDIS_TIMEOUT_S,
         health_check_interval=30,
     )
+    app[REDIS] = client = Redis.from_pool(pool)  # the client owns (and closes) the pool
     yield
     await client.aclose()
 

@@ -30,3 +30,9 @@ def health_probe() -> str:
 
 def invalidation_channel() -> str:
     return f"{PREFIX}:invalidate"
+
+
+def quota_counter(service: str, key_id: str, window_id: str) -> str:
+    """Requests counted against one key in one quota window. The service's keys share a hash
+    tag: one reservation script reads and charges several of them."""
+    return f"{PREFIX}:{{quota:{service}}}:{key_id}:{window_id}"

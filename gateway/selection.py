@@ -13,6 +13,16 @@ from datetime import datetime
 from gateway.secret import Secret
 
 TIER_ORDER = {"free": 0, "paid": 1}
+DEFAULT_PERIOD = "daily"  # for a quota given without `quotaPeriod`
+
+
+def quota_of(tier: str, metadata: dict[str, object], default_free_quota: int) -> int | None:
+    """A key's quota: its `metadata.quota`, else DEFAULT_FREE_QUOTA for a free-tier key, else
+    none (unlimited)."""
+    quota = metadata.get("quota")
+    if isinstance(quota, int) and not isinstance(quota, bool):
+        return quota
+    return default_free_quota if tier == "free" else None
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,8 @@ class UsableKey:
     created_at: datetime
     secret: Secret[str]
     forms: tuple[str, ...] = field(default=(), repr=False)  # inject.key_forms(secret)
+    quota: int | None = None  # requests per `period`; None: unlimited
+    period: str = DEFAULT_PERIOD
 
 
 def rank(keys: Iterable[UsableKey]) -> list[UsableKey]:

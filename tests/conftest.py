@@ -21,7 +21,7 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from argon2 import PasswordHasher
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from admin import embedded
 from admin.app import create_app as create_admin_app
@@ -153,6 +153,18 @@ async def world(servers: Servers, password_hashes: dict[str, str]) -> AsyncItera
         yield World(*ids)
     finally:
         await conn.close()
+        await redis.aclose()
+
+
+@pytest.fixture
+async def redis_client(servers: Servers, world: World) -> AsyncIterator[Redis]:
+    """A client of the session's Redis, flushed for this test (by `world`); it queues
+    commands past its connection limit as the apps' clients do."""
+    pool = BlockingConnectionPool.from_url(servers.redis_url.reveal(), max_connections=64)
+    redis = Redis.from_pool(pool)
+    try:
+        yield redis
+    finally:
         await redis.aclose()
 
 
