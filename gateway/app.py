@@ -32,6 +32,7 @@ from gateway.appkeys import (
 )
 from gateway.callers import Callers
 from gateway.catalog import Catalog
+from gateway.hotredis import HotRedis
 from gateway.keypool import KeyPool
 from gateway.metrics import Metrics
 from gateway.middleware import make_middleware, make_prepare_hook
@@ -61,7 +62,10 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CATALOG] = catalog = Catalog(app[POOL])
     app[CALLERS] = callers = Callers(app[POOL])
     app[KEYPOOL] = keypool = KeyPool(app[POOL], app[VAULT], app[SETTINGS].default_free_quota)
-    app[QUOTAS] = Quotas(app[REDIS])
+    redis_url = app[SETTINGS].redis_url
+    assert redis_url is not None, "REDIS_URL is resolved before the app starts"
+    hot = HotRedis(redis_url)
+    app[QUOTAS] = Quotas(hot)
     await catalog.refresh()
 
     def on_message(kind: str, target_id: str | None) -> None:
@@ -87,6 +91,7 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
     except TimeoutError:
         pass
     yield
+    await hot.close()
 
 
 def create_app(settings: Settings) -> web.Application:

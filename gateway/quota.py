@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
-from redis.asyncio import Redis
-
 from gateway import rkeys
+from gateway.hotredis import HotRedis, HotScript
 
 # How long a counter outlives its window (clock skew between hosts, late reads).
 GRACE_MS: Final = 60_000
@@ -80,9 +79,8 @@ class Reservation:
 
 
 class Quotas:
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
-        self._script = redis.register_script(RESERVE)
+    def __init__(self, client: HotRedis) -> None:
+        self._script = HotScript(client, RESERVE)
 
     async def reserve(
         self, service: str, limits: Sequence[Limit], now: datetime | None = None

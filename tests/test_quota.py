@@ -4,18 +4,29 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from redis.asyncio import Redis
 
+from gateway.hotredis import HotRedis
 from gateway.quota import Limit, Quotas, window
+from tests.conftest import Servers, World
 from tests.fakes import FakeUpstream
 
 OPENAI_KEY = "sk-proj-" + "Q" * 40
 SECOND_KEY = "sk-proj-" + "S" * 40
+
+
+@pytest.fixture
+async def hot(servers: Servers, world: World) -> AsyncIterator[HotRedis]:
+    client = HotRedis(servers.redis_url)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 @pytest.mark.parametrize(
@@ -34,8 +45,8 @@ def test_windows_are_utc_calendar_windows(period: str, now: str, window_id: str,
     assert w.end == datetime.fromisoformat(end).replace(tzinfo=UTC)
 
 
-async def test_reservation_is_exact_under_concurrency(redis_client: Redis) -> None:
-    quotas = Quotas(redis_client)
+async def test_reservation_is_exact_under_concurrency(hot: HotRedis) -> None:
+    quotas = Quotas(hot)
     limits = [Limit("k1", 100, "daily")]
     results = await asyncio.gather(*(quotas.reserve("svc", limits) for _ in range(500)))
     granted = [r for r in results if r.index is not None]
@@ -45,8 +56,8 @@ async def test_reservation_is_exact_under_concurrency(redis_client: Redis) -> No
     assert all(1 <= r.retry_after_s <= 86_400 for r in refused)
 
 
-async def test_reservation_spills_over_to_the_next_key(redis_client: Redis) -> None:
-    quotas = Quotas(redis_client)
+async def test_reservation_spills_over_to_the_next_key(hot: HotRedis) -> None:
+    quotas = Quotas(hot)
     limits = [Limit("free", 3, "minute"), Limit("paid", None, "daily")]
     picks = [(await quotas.reserve("svc", limits)).index for _ in range(5)]
     assert picks == [0, 0, 0, 1, 1]
