@@ -94,6 +94,9 @@ class QuotaExhausted(TooManyRequests):
             "period; retry after the window resets",
             retry_after_s,
         )
+        # SDKs (openai, stripe) retry a 429 on their own within seconds unless told not to;
+        # a spent quota only comes back at Retry-After.
+        self.headers["x-should-retry"] = "false"
 
 
 class VaultSealed(WalletError):

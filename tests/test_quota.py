@@ -64,7 +64,11 @@ async def test_reservation_spills_over_to_the_next_key(hot: HotRedis) -> None:
 
 
 async def wire_quota(
-    admin: TestClient[Any, Any], jwt: dict[str, str], aiohttp_server: Any, quota: int
+    admin: TestClient[Any, Any],
+    jwt: dict[str, str],
+    aiohttp_server: Any,
+    quota: int,
+    period: str = "daily",
 ) -> tuple[FakeUpstream, str]:
     upstream = FakeUpstream(OPENAI_KEY)
     server = await aiohttp_server(upstream.app())
@@ -79,7 +83,7 @@ async def wire_quota(
             "key": OPENAI_KEY,
             "service": "openai",
             "tier": "free",
-            "metadata": {"quota": quota, "quotaPeriod": "daily"},
+            "metadata": {"quota": quota, "quotaPeriod": period},
         },
     )
     assert resp.status == 201, await resp.text()
@@ -96,9 +100,9 @@ async def test_500_concurrent_requests_against_a_quota_of_100(
 ) -> None:
     upstream, token = await wire_quota(admin_client, as_admin, aiohttp_server, 100)
 
-    async def call() -> tuple[int, str | None, dict[str, Any]]:
+    async def call() -> tuple[int, dict[str, str], dict[str, Any]]:
         resp = await gateway_client.get("/openai/v1/models", headers={"X-Wallet-Token": token})
-        return resp.status, resp.headers.get("Retry-After"), await resp.json()
+        return resp.status, dict(resp.headers), await resp.json()
 
     results = await asyncio.gather(*(call() for _ in range(500)))
     statuses = [status for status, _, _ in results]
@@ -107,9 +111,11 @@ async def test_500_concurrent_requests_against_a_quota_of_100(
     assert len(upstream.seen) == 100  # exactly the quota reached the upstream
     now = datetime.now(UTC)
     to_midnight = 86_400 - (now.hour * 3600 + now.minute * 60 + now.second)
-    for status, retry_after, body in results:
+    for status, headers, body in results:
+        retry_after = headers.get("Retry-After")
         if status == 429:
             assert body["error"]["code"] == "quota_exhausted"
+            assert headers["x-should-retry"] == "false"
             assert retry_after is not None
             assert abs(int(retry_after) - to_midnight) <= 2
 
@@ -137,3 +143,33 @@ async def test_a_second_key_takes_over_when_the_first_is_spent(
     # the paid key serves once the free one is spent.
     assert [s for s, _ in served] == [401, 401, 200, 200]
     assert served[2][1] == served[3][1] == second_id
+
+
+async def test_openai_sdk_raises_its_rate_limit_error_without_hammering(
+    admin_client: TestClient[Any, Any],
+    gateway_client: TestClient[Any, Any],
+    as_admin: dict[str, str],
+    aiohttp_server: Any,
+) -> None:
+    openai = pytest.importorskip("openai")
+    # A minute window: Retry-After of at most 60 s, which the SDK would otherwise wait out and
+    # retry (it gives up by itself only past 120 s).
+    upstream, token = await wire_quota(admin_client, as_admin, aiohttp_server, 1, "minute")
+    client = openai.OpenAI(
+        base_url=str(gateway_client.make_url("/openai/v1")), api_key=token, max_retries=2
+    )
+    seen: list[int] = []
+
+    def calls() -> None:
+        client.models.list()
+        with pytest.raises(openai.RateLimitError) as refused:
+            client.models.list()
+        seen.append(refused.value.status_code)
+
+    async with asyncio.timeout(20):
+        await asyncio.to_thread(calls)
+    assert seen == [429]
+    text = await (await gateway_client.get("/monitoring/metrics")).text()
+    # One success and one refusal: the SDK did not retry the 429 (x-should-retry: false).
+    assert 'wallet_proxied_requests_total{app="gateway",service="openai",status="4xx"} 1' in text
+    assert len(upstream.seen) == 1
