@@ -88,7 +88,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "true",
         "Enforce client rate limits (login throttling is always on).",
     ),
-    Setting("DEFAULT_FREE_QUOTA", "1000", "Quota per period of a free-tier key that sets none."),
+    Setting(
+        "DEFAULT_FREE_QUOTA",
+        "1000",
+        "Quota of a free-tier key without `metadata.quota` "
+        "(per its `quotaPeriod`, daily by default).",
+    ),
     Setting(
         "ALLOW_INSECURE_UPSTREAMS",
         "false",
