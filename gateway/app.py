@@ -22,6 +22,7 @@ from gateway.appkeys import (
     APP_NAME,
     CALLERS,
     CATALOG,
+    COOLDOWNS,
     KEYPOOL,
     METRICS,
     POOL,
@@ -32,6 +33,7 @@ from gateway.appkeys import (
 )
 from gateway.callers import Callers
 from gateway.catalog import Catalog
+from gateway.cooldown import Cooldowns
 from gateway.hotredis import HotRedis
 from gateway.keypool import KeyPool
 from gateway.metrics import Metrics
@@ -66,9 +68,13 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
     assert redis_url is not None, "REDIS_URL is resolved before the app starts"
     hot = HotRedis(redis_url)
     app[QUOTAS] = Quotas(hot)
+    app[COOLDOWNS] = cooldowns = Cooldowns(app[REDIS])
     await catalog.refresh()
 
     def on_message(kind: str, target_id: str | None) -> None:
+        if kind == "cooldown":
+            cooldowns.on_message(target_id)
+            return
         callers.invalidate(kind, target_id)
         keypool.invalidate(kind, target_id)
         if kind == "service":

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 
 from gateway.callers import Callers
 from gateway.catalog import Catalog
+from gateway.cooldown import Cooldowns
 from gateway.keypool import KeyPool
 from gateway.metrics import Metrics
 from gateway.quota import Quotas
@@ -26,5 +27,6 @@ CATALOG = web.AppKey("catalog", Catalog)
 CALLERS = web.AppKey("callers", Callers)
 KEYPOOL = web.AppKey("keypool", KeyPool)
 QUOTAS = web.AppKey("quotas", Quotas)
+COOLDOWNS = web.AppKey("cooldowns", Cooldowns)
 # Gateway started with `--workers N`: the other workers' local sockets, for merged metrics.
 SIBLINGS = web.AppKey("siblings", tuple[Path, ...])

@@ -99,6 +99,18 @@ class QuotaExhausted(TooManyRequests):
         self.headers["x-should-retry"] = "false"
 
 
+class KeysResting(TooManyRequests):
+    code = "keys_cooling_down"
+
+    def __init__(self, service: str, retry_after_s: int) -> None:
+        super().__init__(
+            f"every {service} key this token may use was refused by {service} for rate or "
+            "quota reasons and is resting; retry after it comes back",
+            retry_after_s,
+        )
+        self.headers["x-should-retry"] = "false"
+
+
 class VaultSealed(WalletError):
     status, code = 503, "vault_sealed"
 

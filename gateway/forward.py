@@ -18,6 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from gateway.cooldown import retry_after_s
 from gateway.errors import PayloadTooLarge, WalletError
 from gateway.inject import response_headers, response_reason
 from gateway.scrub import REDACTED, Scrubber
@@ -29,6 +30,8 @@ log = structlog.get_logger(__name__)
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 # Bodies up to this size with a Content-Length are relayed whole (see `_whole_body`).
 WHOLE_BODY_BYTES: Final = 64 * 1024
+# Upstream answers that say "not with this key, not now": another key may be tried.
+REFUSALS: Final = frozenset({429})
 
 
 class ClientTooSlow(WalletError):
@@ -61,6 +64,22 @@ class BodyGuard:
                 raise self.failure
             yield chunk
 
+    async def read_all(self) -> bytes:
+        """The whole body, under the same limits (kept for replay on failover)."""
+        try:
+            return b"".join([chunk async for chunk in self.chunks()])
+        except TimeoutError:
+            assert self.failure is not None
+            raise self.failure from None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The upstream refused the key for rate or quota reasons before anything was relayed:
+    the caller may try another key."""
+
+    retry_after_s: float
+
 
 @dataclass(frozen=True)
 class Outbound:
@@ -82,8 +101,14 @@ class Timing:
 
 
 async def stream(
-    request: web.Request, out: Outbound, guard: BodyGuard | None, timing: Timing
-) -> web.StreamResponse:
+    request: web.Request,
+    out: Outbound,
+    guard: BodyGuard | None,
+    timing: Timing,
+    refusable: bool = False,
+) -> web.StreamResponse | Refusal:
+    """Forward `out` and relay the answer. With `refusable`, an upstream 429 is not relayed
+    but returned as a Refusal (its body read and dropped), for the caller to fail over."""
     session = request.app[SESSION]
     loop = asyncio.get_running_loop()
     timing.upstream_started = loop.time()
@@ -93,6 +118,9 @@ async def stream(
                 out.method, out.url, headers=out.headers, data=out.body, allow_redirects=False
             ) as upstream:
                 timing.upstream_headers = loop.time()
+                if refusable and upstream.status in REFUSALS:
+                    await _drain(upstream)
+                    return Refusal(retry_after_s(upstream.headers))
                 headers = response_headers(upstream.headers, out.forms)
                 headers.update(out.extra_headers)
                 reason = response_reason(upstream.reason, out.forms)
@@ -114,6 +142,16 @@ async def stream(
         if guard is not None and guard.failure is not None:
             raise guard.failure from None
         raise
+
+
+async def _drain(upstream: aiohttp.ClientResponse) -> None:
+    """Read and drop a refusal's body (bounded), so the connection can be reused."""
+    read = 0
+    async for chunk in upstream.content.iter_any():
+        read += len(chunk)
+        if read > WHOLE_BODY_BYTES:
+            upstream.close()
+            return
 
 
 def _whole_body(method: str, upstream: aiohttp.ClientResponse) -> bool:

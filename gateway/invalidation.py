@@ -1,7 +1,8 @@
 """Cache invalidation across processes: the admin app publishes what changed on a Redis
 channel; every gateway process drops the matching cache entries within a moment.
 
-Messages are hints, never data: `{"kind": "token"|"user"|"key"|"service", "id": "..."}`.
+Messages are hints, never data: `{"kind": "token"|"user"|"key"|"service", "id": "..."}`;
+`cooldown` carries `"<key id> <until epoch>"` (gateway/cooldown.py).
 A subscriber that (re)connects clears everything, since it may have missed messages; the
 caches' short TTLs bound staleness if Redis is unreachable.
 """
@@ -21,7 +22,7 @@ from gateway import rkeys
 
 log = structlog.get_logger(__name__)
 
-Kind = Literal["token", "user", "key", "service"]
+Kind = Literal["token", "user", "key", "service", "cooldown"]
 RECONNECT_DELAY_S: Final = 0.5
 Listener = Callable[[str, str | None], None]
 

@@ -133,6 +133,18 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
         )
+        self.fallbacks = Counter(
+            "wallet_fallbacks_total",
+            "Requests retried on another key after an upstream refused one, by service",
+            const_labels=labels,
+            registry=self.registry,
+        )
+        self.cooldowns = Counter(
+            "wallet_cooldowns_total",
+            "Keys put to rest after an upstream refused them for rate or quota reasons",
+            const_labels=labels,
+            registry=self.registry,
+        )
         self.login_failures = Counter(
             "wallet_login_failures_total",
             "Failed admin logins by reason",

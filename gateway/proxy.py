@@ -7,25 +7,39 @@ named for it; this one only wires them together.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import math
+from collections.abc import AsyncIterator, Set
+from dataclasses import dataclass, replace
 from typing import Final
 from urllib.parse import parse_qsl
 
+import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway import routing, wsrelay
-from gateway.appkeys import CALLERS, CATALOG, KEYPOOL, METRICS, QUOTAS, SETTINGS
+from gateway.appkeys import CALLERS, CATALOG, COOLDOWNS, KEYPOOL, METRICS, QUOTAS, SETTINGS
 from gateway.callers import Caller
-from gateway.errors import NoKey, NotFound, PayloadTooLarge, QuotaExhausted, WalletError
-from gateway.forward import BodyGuard, Outbound, Timing, stream
+from gateway.cooldown import retry_after_s
+from gateway.errors import (
+    KeysResting,
+    NoKey,
+    NotFound,
+    PayloadTooLarge,
+    QuotaExhausted,
+    WalletError,
+)
+from gateway.forward import REFUSALS, BodyGuard, Outbound, Refusal, Timing, stream
 from gateway.inject import AuthSlot, find_token, key_forms, upstream_headers, upstream_query
 from gateway.quota import Limit
 from gateway.selection import UsableKey, allowed
 from gateway.services import RESERVED_SLUGS, Service
 
+log = structlog.get_logger(__name__)
+
 UNKNOWN_SERVICE: Final = "unknown"
+# A body up to this size is read before forwarding, so that it can go to another key.
+FAILOVER_BODY_BYTES: Final = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -86,12 +100,12 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
         slot = AuthSlot(service.auth_type, service.auth_name)
         query = parse_qsl(inbound.query, keep_blank_values=True)
         caller = await app[CALLERS].authenticate(find_token(inbound.headers, query, slot), label)
-        key = await pick_key(request, service, caller)
-        outbound, guard = build_outbound(request, inbound, service, slot, key)
         if inbound.stream_body and wsrelay.is_upgrade(request):
+            key, _ = await pick_key(request, service, caller)
+            outbound, _ = build_outbound(request, inbound, service, slot, key)
             response = await wsrelay.relay(request, outbound, timing)
         else:
-            response = await stream(request, outbound, guard, timing)
+            response = await _with_failover(request, inbound, service, slot, caller, timing)
     except WalletError as exc:
         count(request, label, exc.status)
         raise
@@ -99,25 +113,88 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
     return response
 
 
-async def pick_key(request: web.Request, service: Service, caller: Caller) -> UsableKey:
-    """The best key the caller may use that has quota left, charged for this request."""
+async def _replayable(request: web.Request, inbound: Inbound) -> Inbound:
+    """`inbound` with its body in hand when it is small enough to send again to another key
+    (FAILOVER_BODY_BYTES); a larger or chunked body stays streamed and is never retried."""
+    if not inbound.stream_body:
+        return inbound
+    if not request.body_exists:
+        return replace(inbound, stream_body=False)
+    length = request.content_length
+    if length is None or length > FAILOVER_BODY_BYTES:
+        return inbound
+    settings = request.app[SETTINGS]
+    guard = BodyGuard(request, settings.gateway_max_body_bytes, settings.client_idle_timeout_s)
+    return replace(inbound, body=await guard.read_all(), stream_body=False)
+
+
+async def _with_failover(
+    request: web.Request,
+    inbound: Inbound,
+    service: Service,
+    slot: AuthSlot,
+    caller: Caller,
+    timing: Timing,
+) -> web.StreamResponse:
+    """Try the best key; when its upstream refuses it for rate or quota reasons before any
+    byte has gone to the client, rest it and try the next, as long as the body can be sent
+    again. The answer says which key served it and how many were refused first."""
     app = request.app
-    usable = allowed(
-        await app[KEYPOOL].usable(service.slug), caller.owner_id, caller.owner_is_admin
-    )
-    if not usable:
+    tried: set[str] = set()
+    while True:
+        key, alternatives = await pick_key(request, service, caller, tried)
+        if alternatives and inbound.stream_body:  # worth keeping the body for a second try
+            inbound = await _replayable(request, inbound)
+        outbound, guard = build_outbound(request, inbound, service, slot, key, len(tried))
+        refusable = alternatives and not inbound.stream_body
+        result = await stream(request, outbound, guard, timing, refusable)
+        if isinstance(result, Refusal):
+            await _rest(request, service, key, result.retry_after_s)
+            tried.add(key.id)
+            app[METRICS].fallbacks.inc({"service": service.slug})
+            continue
+        if result.status in REFUSALS:  # relayed as is (no other key), but the key rests
+            await _rest(request, service, key, retry_after_s(result.headers))
+        return result
+
+
+async def _rest(request: web.Request, service: Service, key: UsableKey, seconds: float) -> None:
+    log.info("key_cooling_down", service=service.slug, key_id=key.id, seconds=round(seconds, 3))
+    request.app[METRICS].cooldowns.inc({"service": service.slug})
+    await request.app[COOLDOWNS].rest(key.id, seconds)
+
+
+async def pick_key(
+    request: web.Request, service: Service, caller: Caller, tried: Set[str] = frozenset()
+) -> tuple[UsableKey, bool]:
+    """The best key the caller may use that is not resting, not already tried and has quota
+    left, charged for this request; and whether another candidate remains after it."""
+    app = request.app
+    mine = allowed(await app[KEYPOOL].usable(service.slug), caller.owner_id, caller.owner_is_admin)
+    if not mine:
         raise NoKey(service.slug)
+    cooldowns = app[COOLDOWNS]
+    resting = [cooldowns.resting(k.id) for k in mine]
+    usable = [k for k, rest in zip(mine, resting, strict=True) if not rest and k.id not in tried]
+    if not usable:
+        waits = [rest for rest in resting if rest]
+        raise KeysResting(service.slug, math.ceil(min(waits)) if waits else 1)
     if usable[0].quota is None:  # nothing to count: no Redis round trip
-        return usable[0]
+        return usable[0], len(usable) > 1
     limits = [Limit(k.id, k.quota, k.period) for k in usable]
     reservation = await app[QUOTAS].reserve(service.slug, limits)
     if reservation.index is None:
         raise QuotaExhausted(service.slug, reservation.retry_after_s)
-    return usable[reservation.index]
+    return usable[reservation.index], reservation.index < len(usable) - 1
 
 
 def build_outbound(
-    request: web.Request, inbound: Inbound, service: Service, slot: AuthSlot, key: UsableKey
+    request: web.Request,
+    inbound: Inbound,
+    service: Service,
+    slot: AuthSlot,
+    key: UsableKey,
+    fallbacks: int = 0,
 ) -> tuple[Outbound, BodyGuard | None]:
     settings = request.app[SETTINGS]
     url = routing.upstream_url(
@@ -140,7 +217,7 @@ def build_outbound(
         body=body,
         key=key.secret,
         forms=key.forms or key_forms(key.secret.reveal()),
-        extra_headers={"X-Wallet-Key-Id": key.id, "X-Wallet-Fallbacks": "0"},
+        extra_headers={"X-Wallet-Key-Id": key.id, "X-Wallet-Fallbacks": str(fallbacks)},
     )
     return outbound, guard
 

@@ -1,0 +1,79 @@
+"""Keys resting after their upstream refused them for rate or quota reasons.
+
+When an upstream answers 429 for a key, the key rests for the upstream's `Retry-After` (or
+`retry-after-ms`), DEFAULT_S if it gives none, and comes back on its own afterwards. The
+process that saw the refusal tells every gateway process over the invalidation channel, and
+each keeps the resting keys in memory, so choosing a key costs no round trip. A process that
+starts later, or misses the message, learns it the same way: the key's next refusal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from email.utils import parsedate_to_datetime
+from typing import Final
+
+from redis.asyncio import Redis
+
+from gateway import invalidation
+
+DEFAULT_S: Final = 60.0
+MAX_S: Final = 24 * 3600.0  # an upstream cannot bench a key for longer than a day
+
+
+def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float:
+    """How long the upstream asked us to wait: `retry-after-ms`, `Retry-After` in seconds or
+    as an HTTP date; DEFAULT_S when absent or unreadable; capped at MAX_S."""
+    wait: float | None = None
+    if ms := headers.get("retry-after-ms"):
+        try:
+            wait = float(ms) / 1000
+        except ValueError:
+            wait = None
+    if wait is None and (value := headers.get("Retry-After")):
+        try:
+            wait = float(value)
+        except ValueError:
+            try:
+                wait = parsedate_to_datetime(value).timestamp() - (now or time.time())
+            except (TypeError, ValueError):
+                wait = None
+    if wait is None or wait != wait or wait <= 0:  # absent, NaN, or in the past
+        return DEFAULT_S
+    return min(wait, MAX_S)
+
+
+class Cooldowns:
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._until: dict[str, float] = {}  # key id -> wall-clock end of its rest
+
+    def resting(self, key_id: str, now: float | None = None) -> float:
+        """Seconds left of `key_id`'s rest; 0 when it may be used."""
+        until = self._until.get(key_id)
+        if until is None:
+            return 0.0
+        left = until - (now or time.time())
+        if left <= 0:
+            del self._until[key_id]
+            return 0.0
+        return left
+
+    async def rest(self, key_id: str, seconds: float) -> None:
+        """Rest `key_id` here at once, and on every other gateway process within a moment."""
+        until = time.time() + seconds
+        self.note(key_id, until)
+        await invalidation.publish(self._redis, "cooldown", f"{key_id} {until:.3f}")
+
+    def note(self, key_id: str, until: float) -> None:
+        if until > self._until.get(key_id, 0.0):
+            self._until[key_id] = until
+
+    def on_message(self, target: str | None) -> None:
+        """A `cooldown` message from the invalidation channel: `"<key id> <until epoch>"`."""
+        key_id, _, until = (target or "").partition(" ")
+        try:
+            self.note(key_id, float(until))
+        except ValueError:
+            return

@@ -1,0 +1,179 @@
+"""Failover: an upstream 429 for one key rests it (on every gateway process) and the request
+goes to the next key before any byte reaches the client, the body sent again."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from gateway.app import create_app as create_gateway_app
+from gateway.cooldown import DEFAULT_S, MAX_S, retry_after_s
+from gateway.settings import Settings
+
+FREE_KEY = "sk-proj-" + "F" * 40
+PAID_KEY = "sk-proj-" + "P" * 40
+
+
+@dataclass
+class Picky:
+    """Answers 429 (Retry-After: 30) to the keys in `refuse`, 200 to the others."""
+
+    refuse: set[str] = field(default_factory=lambda: {FREE_KEY})
+    seen: list[tuple[str, bytes]] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        self.seen.append((key, await request.read()))
+        if key in self.refuse:
+            return web.json_response(
+                {"error": {"message": "Rate limit reached", "type": "requests", "code": None}},
+                status=429,
+                headers={"Retry-After": "30"},
+            )
+        return web.json_response({"served_by": key[-4:]})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        return app
+
+
+@dataclass
+class Setup:
+    upstream: Picky
+    token: str
+    free_id: str
+    paid_id: str
+
+
+@pytest.fixture
+async def setup(
+    admin_client: TestClient[Any, Any], as_admin: dict[str, str], aiohttp_server: Any
+) -> Setup:
+    upstream = Picky()
+    server = await aiohttp_server(upstream.app())
+    resp = await admin_client.put(
+        "/services/openai",
+        headers=as_admin,
+        json={"base_url": f"http://127.0.0.1:{server.port}"},
+    )
+    assert resp.status == 200
+    ids = []
+    for key, tier in ((FREE_KEY, "free"), (PAID_KEY, "paid")):
+        resp = await admin_client.post(
+            "/keys", headers=as_admin, json={"key": key, "service": "openai", "tier": tier}
+        )
+        assert resp.status == 201, await resp.text()
+        ids.append((await resp.json())["id"])
+    resp = await admin_client.post(
+        "/tokens", headers=as_admin, json={"name": "f", "services": ["openai"]}
+    )
+    assert resp.status == 201
+    return Setup(upstream, (await resp.json())["token"], ids[0], ids[1])
+
+
+async def metric(client: TestClient[Any, Any], series: str) -> str | None:
+    text = await (await client.get("/monitoring/metrics")).text()
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if name == series:
+            return value
+    return None
+
+
+async def test_a_refused_key_fails_over_with_the_body_and_then_rests(
+    setup: Setup, gateway_client: TestClient[Any, Any]
+) -> None:
+    auth = {"X-Wallet-Token": setup.token}
+    resp = await gateway_client.post("/openai/v1/chat/completions", headers=auth, json={"n": 1})
+    assert resp.status == 200
+    assert (await resp.json()) == {"served_by": PAID_KEY[-4:]}
+    assert resp.headers["X-Wallet-Key-Id"] == setup.paid_id
+    assert resp.headers["X-Wallet-Fallbacks"] == "1"
+    # The free key was tried first, then the paid one, with the same body.
+    assert setup.upstream.seen == [(FREE_KEY, b'{"n": 1}'), (PAID_KEY, b'{"n": 1}')]
+
+    # The free key now rests: the next request goes straight to the paid one.
+    resp = await gateway_client.get("/openai/v1/models", headers=auth)
+    assert resp.status == 200
+    assert resp.headers["X-Wallet-Fallbacks"] == "0"
+    assert [key for key, _ in setup.upstream.seen[2:]] == [PAID_KEY]
+    labels = '{app="gateway",service="openai"}'
+    assert await metric(gateway_client, f"wallet_fallbacks_total{labels}") == "1"
+    assert await metric(gateway_client, f"wallet_cooldowns_total{labels}") == "1"
+
+
+async def test_when_every_key_is_refused_the_last_429_is_relayed_then_the_wallet_answers(
+    setup: Setup, gateway_client: TestClient[Any, Any]
+) -> None:
+    setup.upstream.refuse = {FREE_KEY, PAID_KEY}
+    auth = {"X-Wallet-Token": setup.token}
+    resp = await gateway_client.get("/openai/v1/models", headers=auth)
+    assert resp.status == 429
+    assert (await resp.json())["error"]["message"] == "Rate limit reached"  # the upstream's
+    assert resp.headers["X-Wallet-Fallbacks"] == "1"
+    assert len(setup.upstream.seen) == 2
+
+    resp = await gateway_client.get("/openai/v1/models", headers=auth)
+    assert resp.status == 429
+    body = await resp.json()
+    assert body["error"]["code"] == "keys_cooling_down"
+    assert 1 <= int(resp.headers["Retry-After"]) <= 30
+    assert resp.headers["x-should-retry"] == "false"
+    assert len(setup.upstream.seen) == 2  # the upstream was left alone
+
+
+async def test_a_streamed_body_is_not_sent_twice(
+    setup: Setup, gateway_client: TestClient[Any, Any]
+) -> None:
+    async def chunks() -> Any:
+        yield b'{"part": '
+        yield b"1}"
+
+    resp = await gateway_client.post(
+        "/openai/v1/chat/completions", headers={"X-Wallet-Token": setup.token}, data=chunks()
+    )
+    assert resp.status == 429  # relayed: the body could not be replayed to another key
+    assert resp.headers["X-Wallet-Fallbacks"] == "0"
+    assert setup.upstream.seen == [(FREE_KEY, b'{"part": 1}')]
+
+
+async def test_a_rest_reaches_the_other_gateway_processes(
+    setup: Setup,
+    gateway_client: TestClient[Any, Any],
+    aiohttp_client: Any,
+    settings: Settings,
+) -> None:
+    other: TestClient[Any, Any] = await aiohttp_client(create_gateway_app(settings))
+    auth = {"X-Wallet-Token": setup.token}
+    resp = await gateway_client.get("/openai/v1/models", headers=auth)
+    assert resp.headers["X-Wallet-Fallbacks"] == "1"
+    for _ in range(20):  # the other process hears of the rest within a moment
+        resp = await other.get("/openai/v1/models", headers=auth)
+        assert resp.status == 200
+        if resp.headers["X-Wallet-Fallbacks"] == "0":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the other gateway process kept trying the resting key")
+
+
+def test_retry_after_is_read_like_the_sdks_do() -> None:
+    now = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+    later = format_datetime(now + timedelta(seconds=90), usegmt=True)
+    assert retry_after_s({"retry-after-ms": "1500"}) == 1.5
+    assert retry_after_s({"Retry-After": "12"}) == 12
+    assert retry_after_s({"Retry-After": later}, now=now.timestamp()) == pytest.approx(90)
+    assert retry_after_s({"Retry-After": "soon"}) == DEFAULT_S
+    assert retry_after_s({"Retry-After": "-5"}) == DEFAULT_S
+    assert retry_after_s({"Retry-After": "nan"}) == DEFAULT_S
+    assert retry_after_s({}) == DEFAULT_S
+    assert retry_after_s({"Retry-After": str(10**9)}) == MAX_S
+    assert retry_after_s({"retry-after-ms": "inf"}) == MAX_S
