@@ -75,6 +75,8 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
         if kind == "cooldown":
             cooldowns.on_message(target_id)
             return
+        if kind == "key" and target_id is not None:
+            cooldowns.lift(target_id)
         callers.invalidate(kind, target_id)
         keypool.invalidate(kind, target_id)
         if kind == "service":

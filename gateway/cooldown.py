@@ -70,6 +70,10 @@ class Cooldowns:
         if until > self._until.get(key_id, 0.0):
             self._until[key_id] = until
 
+    def lift(self, key_id: str) -> None:
+        """An admin changed the key (say, set it back to active): its rest ends."""
+        self._until.pop(key_id, None)
+
     def on_message(self, target: str | None) -> None:
         """A `cooldown` message from the invalidation channel: `"<key id> <until epoch>"`."""
         key_id, _, until = (target or "").partition(" ")

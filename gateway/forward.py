@@ -30,8 +30,11 @@ log = structlog.get_logger(__name__)
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 # Bodies up to this size with a Content-Length are relayed whole (see `_whole_body`).
 WHOLE_BODY_BYTES: Final = 64 * 1024
-# Upstream answers that say "not with this key, not now": another key may be tried.
-REFUSALS: Final = frozenset({429})
+# Upstream answers that say "not with this key": another key may be tried. 429: rate or quota,
+# the key rests; 401: the key is not valid (any more), it is marked invalid.
+RATE_LIMITED: Final = 429
+INVALID_KEY: Final = 401
+REFUSALS: Final = frozenset({RATE_LIMITED, INVALID_KEY})
 
 
 class ClientTooSlow(WalletError):
@@ -75,9 +78,10 @@ class BodyGuard:
 
 @dataclass(frozen=True)
 class Refusal:
-    """The upstream refused the key for rate or quota reasons before anything was relayed:
-    the caller may try another key."""
+    """The upstream refused the key before anything was relayed, for rate or quota reasons
+    (429) or as invalid (401): the caller may try another key."""
 
+    status: int
     retry_after_s: float
 
 
@@ -120,7 +124,7 @@ async def stream(
                 timing.upstream_headers = loop.time()
                 if refusable and upstream.status in REFUSALS:
                     await _drain(upstream)
-                    return Refusal(retry_after_s(upstream.headers))
+                    return Refusal(upstream.status, retry_after_s(upstream.headers))
                 headers = response_headers(upstream.headers, out.forms)
                 headers.update(out.extra_headers)
                 reason = response_reason(upstream.reason, out.forms)

@@ -296,6 +296,29 @@ async def delete_key(
         await audit.append(conn, actor, "key.delete", "key", str(kid))
 
 
+MARK_INVALID: Final = """UPDATE api_keys SET status = 'invalid', updated_at = now()
+WHERE id = $1 AND status = 'active' RETURNING service"""
+
+
+async def mark_invalid(conn: Connection, key_id: str, upstream_status: int) -> bool:
+    """The gateway saw the upstream reject this key as invalid: stop using it until an admin
+    sets it back to `active`. Audited; False when it was not active (already marked)."""
+    kid = parse_id(key_id, "key")
+    async with conn.transaction():
+        service = await conn.fetchval(MARK_INVALID, kid)
+        if service is None:
+            return False
+        await audit.append(
+            conn,
+            audit.Actor.system("gateway"),
+            "key.invalid",
+            "key",
+            str(kid),
+            {"service": service, "upstream_status": upstream_status},
+        )
+    return True
+
+
 async def open_secret(conn: Connection, vault: Vault, key_id: str) -> Secret[str]:
     """Decrypt one stored key. The gateway's hot path caches this; admin responses never call it."""
     row = await conn.fetchrow(GET, parse_id(key_id, "key"), None)

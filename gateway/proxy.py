@@ -17,10 +17,20 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import routing, wsrelay
-from gateway.appkeys import CALLERS, CATALOG, COOLDOWNS, KEYPOOL, METRICS, QUOTAS, SETTINGS
+from gateway import invalidation, keys, routing, tasks, wsrelay
+from gateway.appkeys import (
+    CALLERS,
+    CATALOG,
+    COOLDOWNS,
+    KEYPOOL,
+    METRICS,
+    POOL,
+    QUOTAS,
+    REDIS,
+    SETTINGS,
+)
 from gateway.callers import Caller
-from gateway.cooldown import retry_after_s
+from gateway.cooldown import DEFAULT_S, retry_after_s
 from gateway.errors import (
     KeysResting,
     NoKey,
@@ -29,7 +39,7 @@ from gateway.errors import (
     QuotaExhausted,
     WalletError,
 )
-from gateway.forward import REFUSALS, BodyGuard, Outbound, Refusal, Timing, stream
+from gateway.forward import INVALID_KEY, REFUSALS, BodyGuard, Outbound, Refusal, Timing, stream
 from gateway.inject import AuthSlot, find_token, key_forms, upstream_headers, upstream_query
 from gateway.quota import Limit
 from gateway.selection import UsableKey, allowed
@@ -149,19 +159,36 @@ async def _with_failover(
         refusable = alternatives and not inbound.stream_body
         result = await stream(request, outbound, guard, timing, refusable)
         if isinstance(result, Refusal):
-            await _rest(request, service, key, result.retry_after_s)
+            await _refused(request, service, key, result.status, result.retry_after_s)
             tried.add(key.id)
             app[METRICS].fallbacks.inc({"service": service.slug})
             continue
-        if result.status in REFUSALS:  # relayed as is (no other key), but the key rests
-            await _rest(request, service, key, retry_after_s(result.headers))
+        if result.status in REFUSALS:  # relayed as is (no other key), but the key is benched
+            await _refused(request, service, key, result.status, retry_after_s(result.headers))
         return result
 
 
-async def _rest(request: web.Request, service: Service, key: UsableKey, seconds: float) -> None:
-    log.info("key_cooling_down", service=service.slug, key_id=key.id, seconds=round(seconds, 3))
-    request.app[METRICS].cooldowns.inc({"service": service.slug})
-    await request.app[COOLDOWNS].rest(key.id, seconds)
+async def _refused(
+    request: web.Request, service: Service, key: UsableKey, status: int, seconds: float
+) -> None:
+    """A 429 rests the key for `seconds`; a 401 rests it too (at once, everywhere) and marks
+    it invalid in the database in the background, which takes it out of every key pool."""
+    app = request.app
+    if status == INVALID_KEY:
+        log.warning("key_rejected_as_invalid", service=service.slug, key_id=key.id)
+        seconds = DEFAULT_S
+        tasks.spawn(app, "mark-key-invalid", _mark_invalid(app, key.id, status))
+    else:
+        log.info("key_cooling_down", service=service.slug, key_id=key.id, seconds=round(seconds, 3))
+    app[METRICS].cooldowns.inc({"service": service.slug})
+    await app[COOLDOWNS].rest(key.id, seconds)
+
+
+async def _mark_invalid(app: web.Application, key_id: str, status: int) -> None:
+    async with app[POOL].acquire() as conn:
+        marked = await keys.mark_invalid(conn, key_id, status)
+    if marked:
+        await invalidation.publish(app[REDIS], "key", key_id)
 
 
 async def pick_key(

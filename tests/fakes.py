@@ -48,6 +48,7 @@ class FakeUpstream:
 
     key: str
     auth: str = "bearer"
+    also: frozenset[str] = frozenset()  # further keys it accepts
     seen: list[Seen] = field(default_factory=list)
     connections: int = 0
     gate: asyncio.Event | None = None
@@ -79,7 +80,7 @@ class FakeUpstream:
                 await request.read(),
             )
         )
-        if self.presented(request) != self.key:
+        if self.presented(request) not in {self.key, *self.also}:
             return web.json_response(
                 {
                     "error": {

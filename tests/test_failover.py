@@ -26,11 +26,17 @@ class Picky:
     """Answers 429 (Retry-After: 30) to the keys in `refuse`, 200 to the others."""
 
     refuse: set[str] = field(default_factory=lambda: {FREE_KEY})
+    invalid: set[str] = field(default_factory=set)  # answered 401
     seen: list[tuple[str, bytes]] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
         key = request.headers.get("Authorization", "").removeprefix("Bearer ")
         self.seen.append((key, await request.read()))
+        if key in self.invalid:
+            return web.json_response(
+                {"error": {"message": "Incorrect API key", "code": "invalid_api_key"}},
+                status=401,
+            )
         if key in self.refuse:
             return web.json_response(
                 {"error": {"message": "Rate limit reached", "type": "requests", "code": None}},
@@ -163,6 +169,50 @@ async def test_a_rest_reaches_the_other_gateway_processes(
         await asyncio.sleep(0.05)
     else:
         pytest.fail("the other gateway process kept trying the resting key")
+
+
+async def test_a_key_the_upstream_rejects_is_marked_invalid_until_an_admin_says_otherwise(
+    setup: Setup,
+    gateway_client: TestClient[Any, Any],
+    admin_client: TestClient[Any, Any],
+    as_admin: dict[str, str],
+) -> None:
+    setup.upstream.refuse = set()
+    setup.upstream.invalid = {FREE_KEY}
+    auth = {"X-Wallet-Token": setup.token}
+    resp = await gateway_client.get("/openai/v1/models", headers=auth)
+    assert resp.status == 200
+    assert resp.headers["X-Wallet-Key-Id"] == setup.paid_id
+    assert resp.headers["X-Wallet-Fallbacks"] == "1"
+    for _ in range(40):  # marked in the background
+        key = await (await admin_client.get(f"/keys/{setup.free_id}", headers=as_admin)).json()
+        if key["status"] == "invalid":
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail(f"the rejected key was not marked invalid: {key}")
+    audit = await (await admin_client.get("/audit", headers=as_admin)).json()
+    marks = [r for r in audit["items"] if r["action"] == "key.invalid"]
+    assert [(r["target_id"], r["details"]["upstream_status"]) for r in marks] == [
+        (setup.free_id, 401)
+    ]
+    verdict = await (await admin_client.get("/audit/verify", headers=as_admin)).json()
+    assert verdict["ok"] is True
+
+    # An admin fixes the key upstream and sets it back to active: it is used again at once
+    # (the change also ends its rest).
+    setup.upstream.invalid = set()
+    resp = await admin_client.put(
+        f"/keys/{setup.free_id}", headers=as_admin, json={"status": "active"}
+    )
+    assert resp.status == 200
+    for _ in range(40):
+        resp = await gateway_client.get("/openai/v1/models", headers=auth)
+        if resp.headers["X-Wallet-Key-Id"] == setup.free_id:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the reactivated key was not used again")
 
 
 def test_retry_after_is_read_like_the_sdks_do() -> None:

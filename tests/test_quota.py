@@ -134,15 +134,21 @@ async def test_a_second_key_takes_over_when_the_first_is_spent(
     )
     assert resp.status == 201
     second_id = (await resp.json())["id"]
-    upstream.key = SECOND_KEY  # the fake now accepts only the paid key
+    upstream.also = frozenset({SECOND_KEY})
     served = []
     for _ in range(4):
         resp = await gateway_client.get("/openai/v1/models", headers={"X-Wallet-Token": token})
         served.append((resp.status, resp.headers.get("X-Wallet-Key-Id")))
-    # The free key's 2 requests were refused by the fake (it wants the paid key now), then
-    # the paid key serves once the free one is spent.
-    assert [s for s, _ in served] == [401, 401, 200, 200]
+    # The free key serves its quota of 2, then the paid key takes over.
+    assert [s for s, _ in served] == [200, 200, 200, 200]
+    assert served[0][1] == served[1][1] != second_id
     assert served[2][1] == served[3][1] == second_id
+    assert [seen.headers["Authorization"] for seen in upstream.seen] == [
+        f"Bearer {OPENAI_KEY}",
+        f"Bearer {OPENAI_KEY}",
+        f"Bearer {SECOND_KEY}",
+        f"Bearer {SECOND_KEY}",
+    ]
 
 
 async def test_openai_sdk_raises_its_rate_limit_error_without_hammering(
