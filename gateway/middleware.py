@@ -17,7 +17,7 @@ from aiohttp.typedefs import Middleware
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gateway import logs
+from gateway import logs, sdkerrors
 from gateway.appkeys import METRICS
 from gateway.errors import WalletError
 from gateway.logs import redact_url
@@ -26,6 +26,8 @@ log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REQUEST_ID: Final = web.RequestKey("request_id", str)
+# The service slug a gateway request is for, once known: errors take that service's style.
+SERVICE: Final = web.RequestKey("service", str)
 SECURITY_HEADERS: Final = {
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
@@ -69,11 +71,23 @@ def error_response(
     request_id: str,
     headers: dict[str, str] | None = None,
     details: dict[str, object] | None = None,
+    *,
+    google_style: bool = False,
 ) -> web.Response:
-    body: dict[str, object] = {"code": code, "message": message, "request_id": request_id}
+    """The one error shape (see gateway/sdkerrors.py for `type` and the Google style)."""
+    error: dict[str, object] = {
+        "code": code,
+        "message": message,
+        "type": sdkerrors.error_type(status),
+        "request_id": request_id,
+    }
     if details:
-        body.update(details)
-    return web.json_response({"error": body}, status=status, headers=headers, dumps=json.dumps)
+        error.update(details)
+    body: dict[str, object] = {"error": error}
+    if google_style and status < 500:  # gateway failures (502, 503, 504) keep their status
+        body = {"status": sdkerrors.google_status(status), "error_message": message, **body}
+        status = 200
+    return web.json_response(body, status=status, headers=headers, dumps=json.dumps)
 
 
 def _from_http_exception(exc: web.HTTPException) -> tuple[int, str, str]:
@@ -153,44 +167,49 @@ async def _render_errors(
     request: web.Request, handler: Handler, request_id: str
 ) -> web.StreamResponse:
     metrics = request.app[METRICS]
+
+    def render(
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+        details: dict[str, object] | None = None,
+    ) -> web.Response:
+        google_style = request.get(SERVICE) in sdkerrors.GOOGLE_STYLE
+        return error_response(
+            status, code, message, request_id, headers, details, google_style=google_style
+        )
+
     try:
         return await handler(request)
     except WalletError as exc:
         metrics.errors.inc({"code": exc.code})
-        return error_response(
-            exc.status, exc.code, exc.message, request_id, exc.headers, exc.details
-        )
+        return render(exc.status, exc.code, exc.message, exc.headers, exc.details)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         status, code, message = _from_http_exception(exc)
         metrics.errors.inc({"code": code})
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(status, code, message, request_id, headers)
+        return render(status, code, message, headers)
     except REDIS_DOWN as exc:
         log.error("redis_unavailable", error=type(exc).__name__, request_id=request_id)
         metrics.errors.inc({"code": "redis_unavailable"})
-        return error_response(503, "redis_unavailable", "Redis is unavailable", request_id)
+        return render(503, "redis_unavailable", "Redis is unavailable")
     except DB_DOWN as exc:
         log.error("database_unavailable", error=type(exc).__name__, request_id=request_id)
         metrics.errors.inc({"code": "database_unavailable"})
-        return error_response(
-            503,
-            "database_unavailable",
-            "the database is unavailable",
-            request_id,
-            {"Retry-After": "1"},
+        return render(
+            503, "database_unavailable", "the database is unavailable", {"Retry-After": "1"}
         )
     except UNSTORABLE_TEXT:
         # A NUL character (raw, or `\u0000` in JSON) in a path, query or body field reached
         # PostgreSQL, which cannot store it: the client's fault, so a 400, not a 500.
         metrics.errors.inc({"code": "bad_request"})
-        return error_response(
-            400, "bad_request", "text must not contain NUL (\\u0000) characters", request_id
-        )
+        return render(400, "bad_request", "text must not contain NUL (\\u0000) characters")
     except Exception as exc:
         # The one broad catch: anything unexpected becomes a 500 in the JSON shape, logged
         # (secrets scrubbed by the redactor) with the request id a user can quote.
         log.exception("unhandled_error", error=type(exc).__name__, request_id=request_id)
         metrics.errors.inc({"code": "internal_error"})
-        return error_response(500, "internal_error", "internal error", request_id)
+        return render(500, "internal_error", "internal error")

@@ -41,6 +41,7 @@ from gateway.errors import (
 )
 from gateway.forward import INVALID_KEY, REFUSALS, BodyGuard, Outbound, Refusal, Timing, stream
 from gateway.inject import AuthSlot, find_token, key_forms, upstream_headers, upstream_query
+from gateway.middleware import SERVICE
 from gateway.quota import Limit
 from gateway.selection import UsableKey, allowed
 from gateway.services import RESERVED_SLUGS, Service
@@ -106,7 +107,7 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
     label = UNKNOWN_SERVICE  # a metric label: only a known slug, never what the client sent
     try:
         service = await app[CATALOG].get(inbound.service)
-        label = service.slug
+        label = request[SERVICE] = service.slug
         slot = AuthSlot(service.auth_type, service.auth_name)
         query = parse_qsl(inbound.query, keep_blank_values=True)
         caller = await app[CALLERS].authenticate(find_token(inbound.headers, query, slot), label)

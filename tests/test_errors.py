@@ -314,7 +314,7 @@ GATEWAY_CASES = (
     Case(
         "unknown-token-in-query",
         "GET",
-        "/googlemaps/maps/api/geocode/json?key=AIzaWT_" + "y" * 43,
+        "/openweather/data/2.5/weather?appid=AIzaWT_" + "y" * 43,
         401,
         "unauthenticated",
     ),
@@ -330,6 +330,23 @@ async def test_gateway_error_shape(gateway_client: TestClient[Any, Any], case: C
         assert case.method not in resp.headers["Allow"]
     # An error the wallet answers itself carries no key id: no key was used.
     assert "X-Wallet-Key-Id" not in resp.headers
+
+
+async def test_googlemaps_paths_answer_errors_the_google_way(
+    gateway_client: TestClient[Any, Any],
+) -> None:
+    """Google's web services report errors with HTTP 200 and a JSON `status`, which is all the
+    googlemaps SDK reads; the one error shape is still there under `error`."""
+    resp = await gateway_client.get(
+        "/googlemaps/maps/api/geocode/json?address=x&key=AIzaWT_" + "y" * 43
+    )
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["status"] == "REQUEST_DENIED"
+    assert body["error_message"] == body["error"]["message"]
+    assert body["error"]["code"] == "unauthenticated"
+    assert body["error"]["type"] == "authentication_error"
+    assert body["error"]["request_id"] == resp.headers[GATEWAY_RID]
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ import requests
 import stripe
 from aiohttp.test_utils import TestClient
 
+from gateway.appkeys import KEYPOOL
 from tests.test_gateway_proxy import OPENAI_KEY, Wired, wire
 
 STRIPE_KEY: Final = "sk_test_" + "Fk4eC39HqLyjWDarjtT1zdp7dc"
@@ -323,9 +324,10 @@ async def test_googlemaps_sdk_sees_the_gateway_refusal(connect: Connect) -> None
         finally:
             client.session.close()
 
-    with pytest.raises(googlemaps.exceptions.HTTPError) as refused:
+    # Google-style: HTTP 200 with status REQUEST_DENIED, which the SDK raises as its ApiError.
+    with pytest.raises(googlemaps.exceptions.ApiError) as refused:
         await asyncio.to_thread(call)
-    assert refused.value.status_code == 401
+    assert refused.value.status == "REQUEST_DENIED"
     assert w.upstream.seen == []
 
 
@@ -438,3 +440,63 @@ async def test_sse_events_reach_the_client_one_by_one(connect: Connect) -> None:
     assert second == b"event: tick\ndata: 2\n\n"
     assert rest == b""
     assert_only_real_key_upstream(w, 1)
+
+
+# A spent quota, as each SDK sees it: its own rate-limit error, and no retry storm.
+
+
+async def set_quota(w: Wired, quota: int) -> None:
+    resp = await w.admin.put(
+        f"/keys/{w.key_id}",
+        headers=w.jwt,
+        json={"metadata": {"quota": quota, "quotaPeriod": "minute"}},
+    )
+    assert resp.status == 200, await resp.text()
+    # The admin app announces the change over pub/sub; don't race it.
+    w.gateway.app[KEYPOOL].clear()
+
+
+async def test_stripe_sdk_raises_its_rate_limit_error_on_a_spent_quota(connect: Connect) -> None:
+    w = await connect("stripe", STRIPE_KEY)
+    await set_quota(w, 1)
+
+    def call() -> Any:
+        http = stripe.RequestsClient(timeout=SDK_TIMEOUT_S)
+        try:
+            client = stripe_client(w, http)
+            client.v1.customers.list(params={"limit": 1})
+            with pytest.raises(stripe.RateLimitError) as refused:
+                client.v1.customers.list(params={"limit": 1})
+            return refused.value
+        finally:
+            http.close()
+
+    error = await asyncio.to_thread(call)
+    assert error.http_status == 429
+    assert error.json_body["error"]["code"] == "quota_exhausted"
+    assert error.json_body["error"]["type"] == "rate_limit_error"
+    assert len(w.upstream.seen) == 1
+
+
+async def test_googlemaps_sdk_raises_over_query_limit_on_a_spent_quota(
+    connect: Connect,
+) -> None:
+    w = await connect("googlemaps", MAPS_KEY, "query:key")
+    await set_quota(w, 1)
+
+    def call() -> Any:
+        client = googlemaps.Client(
+            key=w.token,
+            base_url=gateway_url(w) + "/googlemaps",
+            retry_over_query_limit=False,
+            timeout=SDK_TIMEOUT_S,
+        )
+        client.geocode("Paris")
+        with pytest.raises(googlemaps.exceptions.ApiError) as refused:
+            client.geocode("Paris")
+        return refused.value
+
+    error = await asyncio.to_thread(call)
+    assert error.status == "OVER_QUERY_LIMIT"
+    assert "quota" in error.message
+    assert len(w.upstream.seen) == 1
