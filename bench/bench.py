@@ -99,9 +99,12 @@ class Config:
     rounds: int
     seconds: float | None  # None: fit the budget
     use_nginx: bool
+    use_wrk: bool = True
+    profile: bool = False
 
     @classmethod
     def from_env(cls) -> Config:
+        """The BENCH_* knobs; the one place the bench reads its environment."""
         try:
             rounds = int(os.environ.get("BENCH_ROUNDS") or DEFAULT_ROUNDS)
             raw = os.environ.get("BENCH_SECONDS")
@@ -112,7 +115,13 @@ class Config:
             ) from None
         if rounds < 1 or (seconds is not None and not 0.2 <= seconds <= 600):
             raise BenchError("BENCH_ROUNDS must be >= 1 and BENCH_SECONDS within 0.2-600")
-        return cls(rounds, seconds, use_nginx=not os.environ.get("BENCH_NO_NGINX"))
+        return cls(
+            rounds,
+            seconds,
+            use_nginx=not os.environ.get("BENCH_NO_NGINX"),
+            use_wrk=not os.environ.get("BENCH_NO_WRK"),
+            profile=bool(os.environ.get("BENCH_PROFILE")),
+        )
 
     def seconds_for(self, measurements: int) -> float:
         if self.seconds is not None:
@@ -374,14 +383,14 @@ class Bench:
 
     def _prepare_load(self, upstream_kind: str, databases: str) -> None:
         """The load generators, the time per measurement, and the description of the setup."""
-        wrk = find_wrk()
+        wrk = find_wrk(self.config.use_wrk)
         self.wrk = WrkLoad(wrk, self.cores, self.scratch) if wrk else None
         self.python_load = PythonLoad(self.procs, self.cores, REPO)
         measurements = len(SCENARIOS) * len(self.targets) * self.config.rounds
         self.seconds = self.config.seconds_for(measurements)
         python_load = f"Python, aiohttp client, {self.cores} worker process(es)"
         if self.wrk is None:
-            why = "BENCH_NO_WRK is set" if os.environ.get("BENCH_NO_WRK") else "wrk is not on PATH"
+            why = "BENCH_NO_WRK is set" if not self.config.use_wrk else "wrk is not on PATH"
             self.notes.append(
                 f"{why}: JSON is measured with the Python load generator, whose own cost is "
                 "part of every latency (the same for every target)"
@@ -559,7 +568,7 @@ def main() -> int:
     try:
         bench.setup()
         bench.run()
-        if os.environ.get("BENCH_PROFILE"):
+        if config.profile:
             bench.profile()
     except KeyboardInterrupt:
         status.say("interrupted")
