@@ -127,8 +127,9 @@ class NoKey(WalletError):
 
     def __init__(self, service: str) -> None:
         super().__init__(
-            f"the wallet holds no enabled {service} key that this token's owner may use; "
-            "add one with POST /keys on the admin API"
+            f"the wallet holds no enabled, active {service} key that this token's owner may "
+            "use; add one with POST /keys on the admin API, or set one the upstream rejected "
+            f"back to active (GET /keys?service={service}&status=invalid)"
         )
 
 
