@@ -147,9 +147,10 @@ async def _with_failover(
     caller: Caller,
     timing: Timing,
 ) -> web.StreamResponse:
-    """Try the best key; when its upstream refuses it for rate or quota reasons before any
-    byte has gone to the client, rest it and try the next, as long as the body can be sent
-    again. The answer says which key served it and how many were refused first."""
+    """Try the best key; when its upstream refuses it (429: rate or quota; 401: not valid)
+    before any byte has gone to the client, bench it and try the next, as long as the body
+    can be sent again. The answer says which key served it and how many were refused first.
+    A key the caller has no alternative to is benched too, and its refusal relayed."""
     app = request.app
     tried: set[str] = set()
     while True:
