@@ -16,6 +16,7 @@ from gateway import (
     resources,
     tasks,
     upstream,
+    usage,
     wsrelay,
 )
 from gateway.appkeys import (
@@ -104,7 +105,9 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def create_app(settings: Settings) -> web.Application:
     app = base_app(settings, "gateway", REQUEST_ID_HEADER)
-    app.cleanup_ctx.extend((tasks.tasks_ctx, upstream.session_ctx, wsrelay.session_ctx, caches_ctx))
+    app.cleanup_ctx.extend(
+        (tasks.tasks_ctx, upstream.session_ctx, wsrelay.session_ctx, caches_ctx, usage.usage_ctx)
+    )
     app.router.add_post("/proxy", envelope.handle, name="proxy.envelope")
     app.router.add_route("*", "/{service}", proxy.reverse, name="proxy.service")
     app.router.add_route("*", "/{service}/{path:.*}", proxy.reverse, name="proxy.reverse")

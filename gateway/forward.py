@@ -99,9 +99,12 @@ class Outbound:
 
 @dataclass
 class Timing:
+    """When each step happened (loop time), and how much body went back to the client."""
+
     upstream_started: float = 0.0
     upstream_headers: float = 0.0
     client_prepared: float = 0.0
+    bytes_out: int = 0
 
 
 async def stream(
@@ -131,6 +134,7 @@ async def stream(
                 if _whole_body(out.method, upstream):
                     body = _scrubbed(await upstream.read(), out.forms)
                     timing.client_prepared = loop.time()
+                    timing.bytes_out = len(body)
                     return web.Response(
                         status=upstream.status, reason=reason, headers=headers, body=body
                     )
@@ -140,7 +144,7 @@ async def stream(
                 await response.prepare(request)
                 timing.client_prepared = loop.time()
                 if out.method != "HEAD" and upstream.status not in NO_BODY_STATUSES:
-                    await _relay_or_abort(request, upstream, response, out)
+                    await _relay_or_abort(request, upstream, response, out, timing)
                 return response
     except WalletError:
         if guard is not None and guard.failure is not None:
@@ -185,12 +189,13 @@ async def _relay_or_abort(
     upstream: aiohttp.ClientResponse,
     response: web.StreamResponse,
     out: Outbound,
+    timing: Timing,
 ) -> None:
     """Once the status line is sent an error can't be reported in-band: on a failure of
     either side, cut the client connection so it sees a truncated body, not a complete one.
     Leaving the `async with` then closes the upstream request."""
     try:
-        await _relay(upstream, response, Scrubber(out.key.reveal(), out.forms))
+        await _relay(upstream, response, Scrubber(out.key.reveal(), out.forms), timing)
         await response.write_eof()
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         log.warning("stream_aborted", service=out.service, error=type(exc).__name__)
@@ -199,12 +204,17 @@ async def _relay_or_abort(
 
 
 async def _relay(
-    upstream: aiohttp.ClientResponse, response: web.StreamResponse, scrubber: Scrubber
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    scrubber: Scrubber,
+    timing: Timing,
 ) -> None:
     async for chunk in upstream.content.iter_any():
         cleaned = scrubber.feed(chunk)
         if cleaned:
+            timing.bytes_out += len(cleaned)
             await response.write(cleaned)
     rest = scrubber.flush()
     if rest:
+        timing.bytes_out += len(rest)
         await response.write(rest)

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import math
+import uuid
 from collections.abc import AsyncIterator, Set
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Final
 from urllib.parse import parse_qsl
 
@@ -45,6 +48,7 @@ from gateway.middleware import SERVICE
 from gateway.quota import Limit
 from gateway.selection import UsableKey, allowed
 from gateway.services import RESERVED_SLUGS, Service
+from gateway.usage import USAGE, UsageRecord
 
 log = structlog.get_logger(__name__)
 
@@ -100,9 +104,19 @@ def _own_route(request: web.Request) -> None:
     raise NotFound("no such route")
 
 
+@dataclass
+class Trace:
+    """What a request used, for its usage record: filled in as the pipeline learns it."""
+
+    caller: Caller | None = None
+    key_id: str | None = None
+    fallbacks: int = 0
+
+
 async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
     app = request.app
     timing = Timing()
+    trace = Trace()
     started = asyncio.get_running_loop().time()
     label = UNKNOWN_SERVICE  # a metric label: only a known slug, never what the client sent
     try:
@@ -111,17 +125,51 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
         slot = AuthSlot(service.auth_type, service.auth_name)
         query = parse_qsl(inbound.query, keep_blank_values=True)
         caller = await app[CALLERS].authenticate(find_token(inbound.headers, query, slot), label)
+        trace.caller = caller
         if inbound.stream_body and wsrelay.is_upgrade(request):
             key, _ = await pick_key(request, service, caller)
+            trace.key_id = key.id
             outbound, _ = build_outbound(request, inbound, service, slot, key)
             response = await wsrelay.relay(request, outbound, timing)
         else:
-            response = await _with_failover(request, inbound, service, slot, caller, timing)
+            response = await _with_failover(request, inbound, service, slot, caller, timing, trace)
     except WalletError as exc:
         count(request, label, exc.status)
+        if label != UNKNOWN_SERVICE:
+            record(request, inbound, label, exc.status, started, timing, trace)
         raise
     account(request, label, response, started, timing)
+    record(request, inbound, label, response.status, started, timing, trace)
     return response
+
+
+def record(
+    request: web.Request,
+    inbound: Inbound,
+    service: str,
+    status: int,
+    started: float,
+    timing: Timing,
+    trace: Trace,
+) -> None:
+    """One usage record per request for a known service (an append to the writer's buffer)."""
+    caller = trace.caller
+    bytes_in = len(inbound.body) if inbound.body is not None else request.content_length or 0
+    request.app[USAGE].add(
+        UsageRecord(
+            at=datetime.now(UTC),
+            service=service,
+            key_id=uuid.UUID(trace.key_id) if trace.key_id else None,
+            token_id=uuid.UUID(caller.token_id) if caller else None,
+            user_id=uuid.UUID(caller.owner_id) if caller else None,
+            status=status,
+            latency_ms=round((asyncio.get_running_loop().time() - started) * 1000, 3),
+            bytes_in=bytes_in,
+            bytes_out=timing.bytes_out,
+            cost=Decimal(0),
+            fallbacks=trace.fallbacks,
+        )
+    )
 
 
 async def _replayable(request: web.Request, inbound: Inbound) -> Inbound:
@@ -146,6 +194,7 @@ async def _with_failover(
     slot: AuthSlot,
     caller: Caller,
     timing: Timing,
+    trace: Trace,
 ) -> web.StreamResponse:
     """Try the best key; when its upstream refuses it (429: rate or quota; 401: not valid)
     before any byte has gone to the client, bench it and try the next, as long as the body
@@ -155,6 +204,7 @@ async def _with_failover(
     tried: set[str] = set()
     while True:
         key, alternatives = await pick_key(request, service, caller, tried)
+        trace.key_id, trace.fallbacks = key.id, len(tried)
         if alternatives and inbound.stream_body:  # worth keeping the body for a second try
             inbound = await _replayable(request, inbound)
         outbound, guard = build_outbound(request, inbound, service, slot, key, len(tried))

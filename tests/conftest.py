@@ -32,7 +32,16 @@ from gateway.settings import Settings
 
 ADMIN_PASSWORD = "admin-password-for-tests"
 USER_PASSWORD = "user-password-for-tests"
-TABLES = ("audit_log", "api_keys", "tokens", "vault_canaries", "users", "services")
+TABLES = (
+    "audit_log",
+    "api_keys",
+    "tokens",
+    "vault_canaries",
+    "users",
+    "services",
+    "usage_records",
+    "usage_hourly",
+)
 
 
 @dataclass(frozen=True)

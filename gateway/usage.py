@@ -1,0 +1,171 @@
+"""Usage records: one per request for a service, buffered in memory and written to PostgreSQL
+in batches by an owned background task, never on the request path.
+
+Each batch goes in one transaction: the records (COPY) and the hourly rollup the analytics
+read. While PostgreSQL is down the buffer keeps growing up to MAX_BUFFERED records and the
+writer retries with a growing pause; past the bound the oldest records are dropped and
+counted (`wallet_usage_dropped_total`), so memory stays bounded. A clean shutdown stops
+taking requests first, then flushes what is buffered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import astuple, dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Final
+
+import structlog
+from aiohttp import web
+
+from gateway import tasks
+from gateway.appkeys import POOL
+from gateway.db import DB_ERRORS, Pool
+
+log = structlog.get_logger(__name__)
+
+BATCH: Final = 1000
+INTERVAL_S: Final = 1.0
+MAX_BUFFERED: Final = 200_000  # about 60 MB; minutes of traffic at thousands of req/s
+RETRY_MAX_S: Final = 30.0
+SHUTDOWN_FLUSH_S: Final = 20.0
+NONE: Final = uuid.UUID(int=0)  # "no key" / "no user" in the rollup's primary key
+
+COLUMNS: Final = (
+    "at",
+    "service",
+    "key_id",
+    "token_id",
+    "user_id",
+    "status",
+    "latency_ms",
+    "bytes_in",
+    "bytes_out",
+    "cost",
+    "fallbacks",
+)
+ROLLUP: Final = """INSERT INTO usage_hourly AS h
+    (hour, service, key_id, user_id, requests, errors, fallbacks, cost)
+SELECT date_trunc('hour', r.at), r.service, coalesce(r.key_id, $1), coalesce(r.user_id, $1),
+       count(*), count(*) FILTER (WHERE r.status >= 400), sum(r.fallbacks), sum(r.cost)
+FROM unnest($2::timestamptz[], $3::text[], $4::uuid[], $5::uuid[], $6::int[], $7::int[],
+            $8::numeric[]) AS r(at, service, key_id, user_id, status, fallbacks, cost)
+GROUP BY 1, 2, 3, 4
+ON CONFLICT (hour, service, key_id, user_id) DO UPDATE SET
+    requests = h.requests + excluded.requests,
+    errors = h.errors + excluded.errors,
+    fallbacks = h.fallbacks + excluded.fallbacks,
+    cost = h.cost + excluded.cost"""
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    at: datetime
+    service: str
+    key_id: uuid.UUID | None
+    token_id: uuid.UUID | None
+    user_id: uuid.UUID | None
+    status: int
+    latency_ms: float
+    bytes_in: int
+    bytes_out: int
+    cost: Decimal
+    fallbacks: int
+
+
+class UsageWriter:
+    def __init__(self, pool: Pool, max_buffered: int = MAX_BUFFERED) -> None:
+        self._pool = pool
+        self._buffer: deque[UsageRecord] = deque()
+        self._max = max_buffered
+        self._wake = asyncio.Event()
+        self.dropped = 0
+        self.written = 0
+
+    def add(self, record: UsageRecord) -> None:
+        """Take a record (on the request path: an append, nothing else)."""
+        if len(self._buffer) >= self._max:
+            self._buffer.popleft()
+            self.dropped += 1
+        self._buffer.append(record)
+        if len(self._buffer) >= BATCH:
+            self._wake.set()
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buffer)
+
+    async def flush(self) -> None:
+        """Write everything buffered now, batch by batch; raises if PostgreSQL fails (the
+        records of the failed batch stay buffered)."""
+        while self._buffer:
+            batch = [self._buffer[i] for i in range(min(BATCH, len(self._buffer)))]
+            await self._write(batch)
+            for _ in batch:
+                self._buffer.popleft()
+            self.written += len(batch)
+
+    async def _write(self, batch: Sequence[UsageRecord]) -> None:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.copy_records_to_table(
+                "usage_records", records=[astuple(r) for r in batch], columns=COLUMNS
+            )
+            await conn.execute(
+                ROLLUP,
+                NONE,
+                [r.at for r in batch],
+                [r.service for r in batch],
+                [r.key_id for r in batch],
+                [r.user_id for r in batch],
+                [r.status for r in batch],
+                [r.fallbacks for r in batch],
+                [r.cost for r in batch],
+            )
+
+    async def run(self) -> None:
+        """The owned task: flush every INTERVAL_S (or as soon as a batch is full); while
+        PostgreSQL is down, keep the records and retry with a growing pause."""
+        pause = INTERVAL_S
+        while True:
+            try:
+                async with asyncio.timeout(pause):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.flush()
+                pause = INTERVAL_S
+            except DB_ERRORS as exc:
+                pause = min(pause * 2, RETRY_MAX_S)
+                log.warning(
+                    "usage_flush_failed",
+                    error=type(exc).__name__,
+                    buffered=len(self._buffer),
+                    retry_in_s=pause,
+                )
+
+
+USAGE = web.AppKey("usage", UsageWriter)
+
+
+async def usage_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Start the writer; at shutdown (requests already drained) flush what is left."""
+    app[USAGE] = writer = UsageWriter(app[POOL])
+    task = tasks.spawn(app, "usage-writer", writer.run())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    try:
+        async with asyncio.timeout(SHUTDOWN_FLUSH_S):
+            await writer.flush()
+    except (TimeoutError, *DB_ERRORS) as exc:
+        log.error("usage_not_flushed", error=type(exc).__name__, lost=writer.buffered)
+    if writer.dropped:
+        log.error("usage_dropped", dropped=writer.dropped)
