@@ -145,6 +145,18 @@ class Metrics:
             const_labels=labels,
             registry=self.registry,
         )
+        self.usage_buffered = Gauge(
+            "wallet_usage_buffered",
+            "Usage records waiting to be written to PostgreSQL",
+            const_labels=labels,
+            registry=self.registry,
+        )
+        self.usage_dropped = Counter(
+            "wallet_usage_dropped_total",
+            "Usage records dropped because the buffer was full (PostgreSQL down too long)",
+            const_labels=labels,
+            registry=self.registry,
+        )
         self.login_failures = Counter(
             "wallet_login_failures_total",
             "Failed admin logins by reason",

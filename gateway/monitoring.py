@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from gateway.appkeys import METRICS, POOL, REDIS, SETTINGS, SIBLINGS, VAULT
 from gateway.errors import NotFound
 from gateway.metrics import merge_exposition
+from gateway.usage import USAGE
 
 CHECK_TIMEOUT_S: Final = 2.0
 TEXT_FORMAT: Final = "text/plain"
@@ -61,6 +62,9 @@ async def metrics(request: web.Request) -> web.Response:
     registry = app[METRICS]
     registry.vault_sealed.set({}, 0 if app[VAULT].unsealed else 1)
     registry.in_flight.set({}, registry.in_flight_now)
+    if (writer := app.get(USAGE)) is not None:
+        registry.usage_buffered.set({}, writer.buffered)
+        registry.usage_dropped.set({}, writer.dropped)
     siblings = app.get(SIBLINGS, ())
     if not siblings or request.query.get("scope") == WORKER_SCOPE:
         body, headers = render(registry.registry, request.headers.getall("Accept", []))

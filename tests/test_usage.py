@@ -45,6 +45,8 @@ async def test_each_request_leaves_one_record_and_the_hourly_rollup(
 
     writer = gateway_client.app[USAGE]
     assert writer.buffered == 3  # nothing written on the request path
+    text = await (await gateway_client.get("/monitoring/metrics")).text()
+    assert 'wallet_usage_buffered{app="gateway"} 3' in text
     await writer.flush()
     records = await rows(servers, "SELECT * FROM usage_records ORDER BY id")
     assert [(r["service"], r["status"]) for r in records] == [
