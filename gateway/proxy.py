@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import uuid
 from collections.abc import AsyncIterator, Set
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -159,9 +158,9 @@ def record(
         UsageRecord(
             at=datetime.now(UTC),
             service=service,
-            key_id=uuid.UUID(trace.key_id) if trace.key_id else None,
-            token_id=uuid.UUID(caller.token_id) if caller else None,
-            user_id=uuid.UUID(caller.owner_id) if caller else None,
+            key_id=trace.key_id,
+            token_id=caller.token_id if caller else None,
+            user_id=caller.owner_id if caller else None,
             status=status,
             latency_ms=round((asyncio.get_running_loop().time() - started) * 1000, 3),
             bytes_in=bytes_in,

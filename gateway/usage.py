@@ -15,10 +15,9 @@ import contextlib
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import astuple, dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Final
+from typing import Any, Final, NamedTuple
 
 import structlog
 from aiohttp import web
@@ -34,7 +33,8 @@ INTERVAL_S: Final = 1.0
 MAX_BUFFERED: Final = 200_000  # about 60 MB; minutes of traffic at thousands of req/s
 RETRY_MAX_S: Final = 30.0
 SHUTDOWN_FLUSH_S: Final = 20.0
-NONE: Final = uuid.UUID(int=0)  # "no key" / "no user" in the rollup's primary key
+NONE: Final = str(uuid.UUID(int=0))  # "no key" / "no user" in the rollup's primary key
+ERROR_STATUS: Final = 400
 
 COLUMNS: Final = (
     "at",
@@ -49,13 +49,12 @@ COLUMNS: Final = (
     "cost",
     "fallbacks",
 )
+# The batch's totals per (hour, service, key, user), summed in Python: a batch of a thousand
+# records is typically a handful of rows here.
 ROLLUP: Final = """INSERT INTO usage_hourly AS h
     (hour, service, key_id, user_id, requests, errors, fallbacks, cost)
-SELECT date_trunc('hour', r.at), r.service, coalesce(r.key_id, $1), coalesce(r.user_id, $1),
-       count(*), count(*) FILTER (WHERE r.status >= 400), sum(r.fallbacks), sum(r.cost)
-FROM unnest($2::timestamptz[], $3::text[], $4::uuid[], $5::uuid[], $6::int[], $7::int[],
-            $8::numeric[]) AS r(at, service, key_id, user_id, status, fallbacks, cost)
-GROUP BY 1, 2, 3, 4
+SELECT * FROM unnest($1::timestamptz[], $2::text[], $3::uuid[], $4::uuid[], $5::bigint[],
+                     $6::bigint[], $7::bigint[], $8::numeric[])
 ON CONFLICT (hour, service, key_id, user_id) DO UPDATE SET
     requests = h.requests + excluded.requests,
     errors = h.errors + excluded.errors,
@@ -63,19 +62,36 @@ ON CONFLICT (hour, service, key_id, user_id) DO UPDATE SET
     cost = h.cost + excluded.cost"""
 
 
-@dataclass(frozen=True)
-class UsageRecord:
+class UsageRecord(NamedTuple):
+    """A tuple in the table's column order, so that COPY takes it as it is (converting a
+    dataclass with `astuple` cost 30 µs a record, more than the rest of the request)."""
+
     at: datetime
     service: str
-    key_id: uuid.UUID | None
-    token_id: uuid.UUID | None
-    user_id: uuid.UUID | None
+    key_id: str | None  # uuids as text: asyncpg encodes them, no parsing on the request path
+    token_id: str | None
+    user_id: str | None
     status: int
     latency_ms: float
     bytes_in: int
     bytes_out: int
     cost: Decimal
     fallbacks: int
+
+
+def _rollup(batch: Sequence[UsageRecord]) -> list[tuple[object, ...]]:
+    totals: dict[tuple[datetime, str, str, str], list[Any]] = {}
+    for r in batch:
+        group = (r.at.replace(minute=0, second=0, microsecond=0), r.service, r.key_id or NONE,
+                 r.user_id or NONE)  # fmt: skip
+        row = totals.get(group)
+        if row is None:
+            row = totals[group] = [0, 0, 0, Decimal(0)]
+        row[0] += 1
+        row[1] += r.status >= ERROR_STATUS
+        row[2] += r.fallbacks
+        row[3] += r.cost
+    return [(*group, *row) for group, row in totals.items()]
 
 
 class UsageWriter:
@@ -112,20 +128,8 @@ class UsageWriter:
 
     async def _write(self, batch: Sequence[UsageRecord]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.copy_records_to_table(
-                "usage_records", records=[astuple(r) for r in batch], columns=COLUMNS
-            )
-            await conn.execute(
-                ROLLUP,
-                NONE,
-                [r.at for r in batch],
-                [r.service for r in batch],
-                [r.key_id for r in batch],
-                [r.user_id for r in batch],
-                [r.status for r in batch],
-                [r.fallbacks for r in batch],
-                [r.cost for r in batch],
-            )
+            await conn.copy_records_to_table("usage_records", records=batch, columns=COLUMNS)
+            await conn.execute(ROLLUP, *zip(*_rollup(batch), strict=True))
 
     async def run(self) -> None:
         """The owned task: flush every INTERVAL_S (or as soon as a batch is full); while
