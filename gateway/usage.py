@@ -19,6 +19,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, Final, NamedTuple
 
+import asyncpg
 import structlog
 from aiohttp import web
 
@@ -117,14 +118,32 @@ class UsageWriter:
         return len(self._buffer)
 
     async def flush(self) -> None:
-        """Write everything buffered now, batch by batch; raises if PostgreSQL fails (the
-        records of the failed batch stay buffered)."""
+        """Write everything buffered now, batch by batch. If PostgreSQL is unreachable the
+        batch goes back to the front of the buffer and the error is raised; a batch that
+        PostgreSQL refuses as such (it should never happen) is dropped and counted, so that
+        it cannot block the ones behind it."""
         while self._buffer:
-            batch = [self._buffer[i] for i in range(min(BATCH, len(self._buffer)))]
-            await self._write(batch)
-            for _ in batch:
-                self._buffer.popleft()
+            batch = [self._buffer.popleft() for _ in range(min(BATCH, len(self._buffer)))]
+            try:
+                await self._write(batch)
+            except DB_ERRORS:
+                self._put_back(batch)
+                raise
+            except asyncpg.PostgresError as exc:
+                self.dropped += len(batch)
+                log.error("usage_batch_refused", error=type(exc).__name__, records=len(batch))
+                continue
+            except BaseException:  # cancelled mid-write: keep the batch for the final flush
+                self._put_back(batch)
+                raise
             self.written += len(batch)
+
+    def _put_back(self, batch: list[UsageRecord]) -> None:
+        room = self._max - len(self._buffer)
+        if room < len(batch):  # the buffer filled meanwhile: the oldest records go
+            self.dropped += len(batch) - max(room, 0)
+            batch = batch[len(batch) - max(room, 0) :]
+        self._buffer.extendleft(reversed(batch))
 
     async def _write(self, batch: Sequence[UsageRecord]) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
