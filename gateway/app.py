@@ -30,6 +30,7 @@ from gateway.appkeys import (
     QUOTAS,
     REDIS,
     SETTINGS,
+    STICKY,
     VAULT,
 )
 from gateway.callers import Callers
@@ -40,6 +41,7 @@ from gateway.keypool import KeyPool
 from gateway.metrics import Metrics
 from gateway.middleware import make_middleware, make_prepare_hook
 from gateway.quota import Quotas
+from gateway.selection import Stickiness
 from gateway.settings import Settings
 
 REQUEST_ID_HEADER: Final = "X-Wallet-Request-Id"
@@ -70,6 +72,7 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
     hot = HotRedis(redis_url)
     app[QUOTAS] = Quotas(hot)
     app[COOLDOWNS] = cooldowns = Cooldowns(app[REDIS])
+    app[STICKY] = Stickiness()
     await catalog.refresh()
 
     def on_message(kind: str, target_id: str | None) -> None:

@@ -14,6 +14,7 @@ from gateway.cooldown import Cooldowns
 from gateway.keypool import KeyPool
 from gateway.metrics import Metrics
 from gateway.quota import Quotas
+from gateway.selection import Stickiness
 from gateway.settings import Settings
 from gateway.vault import Vault
 
@@ -28,5 +29,6 @@ CALLERS = web.AppKey("callers", Callers)
 KEYPOOL = web.AppKey("keypool", KeyPool)
 QUOTAS = web.AppKey("quotas", Quotas)
 COOLDOWNS = web.AppKey("cooldowns", Cooldowns)
+STICKY = web.AppKey("sticky", Stickiness)
 # Gateway started with `--workers N`: the other workers' local sockets, for merged metrics.
 SIBLINGS = web.AppKey("siblings", tuple[Path, ...])

@@ -30,6 +30,7 @@ from gateway.appkeys import (
     QUOTAS,
     REDIS,
     SETTINGS,
+    STICKY,
 )
 from gateway.callers import Caller
 from gateway.cooldown import DEFAULT_S, retry_after_s
@@ -52,6 +53,7 @@ from gateway.usage import USAGE, UsageRecord
 log = structlog.get_logger(__name__)
 
 UNKNOWN_SERVICE: Final = "unknown"
+SESSION_HEADER: Final = "X-Wallet-Session"  # see selection.Stickiness
 # A body up to this size is read before forwarding, so that it can go to another key.
 FAILOVER_BODY_BYTES: Final = 1024 * 1024
 
@@ -257,13 +259,20 @@ async def pick_key(
     if not usable:
         waits = [rest for rest in resting if rest]
         raise KeysResting(service.slug, math.ceil(min(waits)) if waits else 1)
+    session = request.headers.get(SESSION_HEADER)
+    sticky = app[STICKY]
+    usable = sticky.prefer(session, caller.token_id, service.slug, usable)
     if usable[0].quota is None:  # nothing to count: no Redis round trip
-        return usable[0], len(usable) > 1
-    limits = [Limit(k.id, k.quota, k.period) for k in usable]
-    reservation = await app[QUOTAS].reserve(service.slug, limits)
-    if reservation.index is None:
-        raise QuotaExhausted(service.slug, reservation.retry_after_s)
-    return usable[reservation.index], reservation.index < len(usable) - 1
+        index = 0
+    else:
+        limits = [Limit(k.id, k.quota, k.period) for k in usable]
+        reservation = await app[QUOTAS].reserve(service.slug, limits)
+        if reservation.index is None:
+            raise QuotaExhausted(service.slug, reservation.retry_after_s)
+        index = reservation.index
+    key = usable[index]
+    sticky.remember(session, caller.token_id, service.slug, key.id)
+    return key, index < len(usable) - 1
 
 
 def build_outbound(

@@ -6,9 +6,11 @@ release adds quotas, cooldowns and strategies on top of this ranking.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Final
 
 from gateway.secret import Secret
 
@@ -46,3 +48,36 @@ def rank(keys: Iterable[UsableKey]) -> list[UsableKey]:
 def allowed(keys: Iterable[UsableKey], owner_id: str, owner_is_admin: bool) -> list[UsableKey]:
     """A USER's token draws from that user's keys; an ADMIN's from every key."""
     return [k for k in keys if owner_is_admin or k.owner_id == owner_id]
+
+
+class Stickiness:
+    """`X-Wallet-Session`: a client session keeps the key it was last served with while that
+    key is usable (a conversation stays on one account). Remembered per gateway process, for
+    the MAX_SESSIONS most recent sessions."""
+
+    MAX_SESSIONS: Final = 10_000
+    MAX_SESSION_CHARS: Final = 128
+
+    def __init__(self) -> None:
+        self._keys: OrderedDict[tuple[str, str, str], str] = OrderedDict()
+
+    def prefer(
+        self, session: str | None, token_id: str, service: str, usable: list[UsableKey]
+    ) -> list[UsableKey]:
+        """`usable` with the session's key first, when it is among them."""
+        if not session or len(session) > self.MAX_SESSION_CHARS:
+            return usable
+        key_id = self._keys.get((token_id, service, session))
+        if key_id is None or usable[0].id == key_id:
+            return usable
+        sticky = [k for k in usable if k.id == key_id]
+        return sticky + [k for k in usable if k.id != key_id] if sticky else usable
+
+    def remember(self, session: str | None, token_id: str, service: str, key_id: str) -> None:
+        if not session or len(session) > self.MAX_SESSION_CHARS:
+            return
+        entry = (token_id, service, session)
+        self._keys[entry] = key_id
+        self._keys.move_to_end(entry)
+        if len(self._keys) > self.MAX_SESSIONS:
+            self._keys.popitem(last=False)

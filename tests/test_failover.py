@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app as create_gateway_app
+from gateway.appkeys import COOLDOWNS
 from gateway.cooldown import DEFAULT_S, MAX_S, retry_after_s
 from gateway.settings import Settings
 
@@ -28,10 +29,12 @@ class Picky:
     refuse: set[str] = field(default_factory=lambda: {FREE_KEY})
     invalid: set[str] = field(default_factory=set)  # answered 401
     seen: list[tuple[str, bytes]] = field(default_factory=list)
+    header_names: set[str] = field(default_factory=set)
 
     async def handle(self, request: web.Request) -> web.Response:
         key = request.headers.get("Authorization", "").removeprefix("Bearer ")
         self.seen.append((key, await request.read()))
+        self.header_names |= {name.lower() for name in request.headers}
         if key in self.invalid:
             return web.json_response(
                 {"error": {"message": "Incorrect API key", "code": "invalid_api_key"}},
@@ -227,3 +230,27 @@ def test_retry_after_is_read_like_the_sdks_do() -> None:
     assert retry_after_s({}) == DEFAULT_S
     assert retry_after_s({"Retry-After": str(10**9)}) == MAX_S
     assert retry_after_s({"retry-after-ms": "inf"}) == MAX_S
+
+
+async def test_a_session_keeps_its_key_while_it_is_usable(
+    setup: Setup, gateway_client: TestClient[Any, Any]
+) -> None:
+    auth = {"X-Wallet-Token": setup.token}
+    session = {**auth, "X-Wallet-Session": "conversation-1"}
+    # The free key is refused once: the session moves to the paid key.
+    resp = await gateway_client.get("/openai/v1/models", headers=session)
+    assert resp.headers["X-Wallet-Key-Id"] == setup.paid_id
+    setup.upstream.refuse = set()
+    gateway_client.app[COOLDOWNS].lift(setup.free_id)  # the free key is back
+    # Without a session the best key (free) serves again; the session stays on the paid one.
+    resp = await gateway_client.get("/openai/v1/models", headers=auth)
+    assert resp.headers["X-Wallet-Key-Id"] == setup.free_id
+    for _ in range(3):
+        resp = await gateway_client.get("/openai/v1/models", headers=session)
+        assert resp.headers["X-Wallet-Key-Id"] == setup.paid_id
+    other = {**auth, "X-Wallet-Session": "conversation-2"}
+    resp = await gateway_client.get("/openai/v1/models", headers=other)
+    assert resp.headers["X-Wallet-Key-Id"] == setup.free_id
+    # The session header is the wallet's: it never reaches the upstream.
+    assert "x-wallet-session" not in setup.upstream.header_names
+    assert "authorization" in setup.upstream.header_names
