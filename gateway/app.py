@@ -27,6 +27,7 @@ from gateway.appkeys import (
     KEYPOOL,
     METRICS,
     POOL,
+    PRESSURE,
     QUOTAS,
     REDIS,
     SETTINGS,
@@ -35,7 +36,7 @@ from gateway.appkeys import (
 )
 from gateway.callers import Callers
 from gateway.catalog import Catalog
-from gateway.cooldown import Cooldowns
+from gateway.cooldown import Cooldowns, Pressure
 from gateway.hotredis import HotRedis
 from gateway.keypool import KeyPool
 from gateway.metrics import Metrics
@@ -73,6 +74,7 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
     app[QUOTAS] = Quotas(hot)
     app[COOLDOWNS] = cooldowns = Cooldowns(app[REDIS])
     app[STICKY] = Stickiness()
+    app[PRESSURE] = Pressure()
     await catalog.refresh()
 
     def on_message(kind: str, target_id: str | None) -> None:

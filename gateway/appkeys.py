@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from gateway.callers import Callers
 from gateway.catalog import Catalog
-from gateway.cooldown import Cooldowns
+from gateway.cooldown import Cooldowns, Pressure
 from gateway.keypool import KeyPool
 from gateway.metrics import Metrics
 from gateway.quota import Quotas
@@ -29,6 +29,7 @@ CALLERS = web.AppKey("callers", Callers)
 KEYPOOL = web.AppKey("keypool", KeyPool)
 QUOTAS = web.AppKey("quotas", Quotas)
 COOLDOWNS = web.AppKey("cooldowns", Cooldowns)
+PRESSURE = web.AppKey("pressure", Pressure)
 STICKY = web.AppKey("sticky", Stickiness)
 # Gateway started with `--workers N`: the other workers' local sockets, for merged metrics.
 SIBLINGS = web.AppKey("siblings", tuple[Path, ...])

@@ -9,6 +9,7 @@ starts later, or misses the message, learns it the same way: the key's next refu
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
@@ -81,3 +82,58 @@ class Cooldowns:
             self.note(key_id, float(until))
         except ValueError:
             return
+
+
+# Upstream rate-limit headers: how many requests a key has left in the upstream's own window.
+REMAINING_HEADERS: Final = ("x-ratelimit-remaining-requests", "x-ratelimit-remaining")
+RESET_HEADERS: Final = ("x-ratelimit-reset-requests", "x-ratelimit-reset")
+LOW_REMAINING: Final = 1  # at or below this, a key is ranked after the others
+_DURATION = re.compile(
+    r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?"
+)
+
+
+def reset_after_s(value: str) -> float | None:
+    """OpenAI's `x-ratelimit-reset-requests` ("1s", "6m0s", "20ms", "1h2m3.5s") or plain
+    seconds; None when unreadable."""
+    value = value.strip()
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        pass
+    match = _DURATION.fullmatch(value)
+    if not match or not value:
+        return None
+    hours, minutes, seconds, millis = (float(g) if g else 0.0 for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds + millis / 1000
+
+
+class Pressure:
+    """Keys whose upstream said they are nearly out of requests for its current window: they
+    are ranked after the others until the window resets (seen by this process only)."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+
+    def note(self, key_id: str, headers: Mapping[str, str], now: float | None = None) -> None:
+        remaining = next((headers[h] for h in REMAINING_HEADERS if h in headers), None)
+        if remaining is None:
+            return
+        try:
+            low = int(float(remaining)) <= LOW_REMAINING
+        except ValueError:
+            return
+        if not low:
+            self._until.pop(key_id, None)
+            return
+        reset = next((reset_after_s(headers[h]) for h in RESET_HEADERS if h in headers), None)
+        self._until[key_id] = (now or time.time()) + min(reset or DEFAULT_S, MAX_S)
+
+    def low(self, key_id: str, now: float | None = None) -> bool:
+        until = self._until.get(key_id)
+        if until is None:
+            return False
+        if until <= (now or time.time()):
+            del self._until[key_id]
+            return False
+        return True

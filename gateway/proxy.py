@@ -27,6 +27,7 @@ from gateway.appkeys import (
     KEYPOOL,
     METRICS,
     POOL,
+    PRESSURE,
     QUOTAS,
     REDIS,
     SETTINGS,
@@ -218,6 +219,7 @@ async def _with_failover(
             continue
         if result.status in REFUSALS:  # relayed as is (no other key), but the key is benched
             await _refused(request, service, key, result.status, retry_after_s(result.headers))
+        app[PRESSURE].note(key.id, result.headers)
         return result
 
 
@@ -259,6 +261,8 @@ async def pick_key(
     if not usable:
         waits = [rest for rest in resting if rest]
         raise KeysResting(service.slug, math.ceil(min(waits)) if waits else 1)
+    pressure = app[PRESSURE]
+    usable.sort(key=lambda k: pressure.low(k.id))  # nearly out upstream: after the others
     session = request.headers.get(SESSION_HEADER)
     sticky = app[STICKY]
     usable = sticky.prefer(session, caller.token_id, service.slug, usable)

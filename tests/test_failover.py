@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient
 
 from gateway.app import create_app as create_gateway_app
 from gateway.appkeys import COOLDOWNS
-from gateway.cooldown import DEFAULT_S, MAX_S, retry_after_s
+from gateway.cooldown import DEFAULT_S, MAX_S, reset_after_s, retry_after_s
 from gateway.settings import Settings
 
 FREE_KEY = "sk-proj-" + "F" * 40
@@ -30,6 +30,7 @@ class Picky:
     invalid: set[str] = field(default_factory=set)  # answered 401
     seen: list[tuple[str, bytes]] = field(default_factory=list)
     header_names: set[str] = field(default_factory=set)
+    nearly_out: set[str] = field(default_factory=set)  # answered with remaining 0
 
     async def handle(self, request: web.Request) -> web.Response:
         key = request.headers.get("Authorization", "").removeprefix("Bearer ")
@@ -46,7 +47,12 @@ class Picky:
                 status=429,
                 headers={"Retry-After": "30"},
             )
-        return web.json_response({"served_by": key[-4:]})
+        limits = (
+            {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "6m0s"}
+            if key in self.nearly_out
+            else {"x-ratelimit-remaining-requests": "99"}
+        )
+        return web.json_response({"served_by": key[-4:]}, headers=limits)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -216,6 +222,35 @@ async def test_a_key_the_upstream_rejects_is_marked_invalid_until_an_admin_says_
         await asyncio.sleep(0.05)
     else:
         pytest.fail("the reactivated key was not used again")
+
+
+async def test_a_key_nearly_out_upstream_is_ranked_last_before_it_is_refused(
+    setup: Setup, gateway_client: TestClient[Any, Any]
+) -> None:
+    setup.upstream.refuse = set()
+    setup.upstream.nearly_out = {FREE_KEY}
+    auth = {"X-Wallet-Token": setup.token}
+    resp = await gateway_client.get("/openai/v1/models", headers=auth)
+    assert resp.headers["X-Wallet-Key-Id"] == setup.free_id  # said "0 left" on the way
+    assert resp.headers["x-ratelimit-remaining-requests"] == "0"  # relayed to the client
+    resp = await gateway_client.get("/openai/v1/models", headers=auth)
+    # The paid key serves next, without waiting for the free key's 429.
+    assert resp.headers["X-Wallet-Key-Id"] == setup.paid_id
+    assert resp.headers["X-Wallet-Fallbacks"] == "0"
+    assert [key for key, _ in setup.upstream.seen] == [FREE_KEY, PAID_KEY]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [("1s", 1.0), ("6m0s", 360.0), ("20ms", 0.02), ("1h2m3.5s", 3723.5), ("12", 12.0)],
+)
+def test_upstream_reset_durations(value: str, seconds: float) -> None:
+    assert reset_after_s(value) == pytest.approx(seconds)
+
+
+def test_unreadable_reset_durations() -> None:
+    assert reset_after_s("soon") is None
+    assert reset_after_s("") is None
 
 
 def test_retry_after_is_read_like_the_sdks_do() -> None:
