@@ -20,8 +20,8 @@ from yarl import URL
 
 from gateway.cooldown import retry_after_s
 from gateway.errors import PayloadTooLarge, WalletError
-from gateway.inject import response_headers, response_reason
-from gateway.scrub import REDACTED, Scrubber
+from gateway.inject import redact_bytes, response_headers, response_reason
+from gateway.scrub import Scrubber
 from gateway.secret import Secret
 from gateway.upstream import SESSION, upstream_errors
 
@@ -132,7 +132,7 @@ async def stream(
                 headers.update(out.extra_headers)
                 reason = response_reason(upstream.reason, out.forms)
                 if _whole_body(out.method, upstream):
-                    body = _scrubbed(await upstream.read(), out.forms)
+                    body = redact_bytes(await upstream.read(), out.forms)
                     timing.client_prepared = loop.time()
                     timing.bytes_out = len(body)
                     return web.Response(
@@ -174,14 +174,6 @@ def _whole_body(method: str, upstream: aiohttp.ClientResponse) -> bool:
         and length <= WHOLE_BODY_BYTES
         and "Content-Encoding" not in upstream.headers
     )
-
-
-def _scrubbed(body: bytes, forms: tuple[str, ...]) -> bytes:
-    for form in forms:
-        needle = form.encode()
-        if needle in body:
-            body = body.replace(needle, REDACTED)
-    return body
 
 
 async def _relay_or_abort(

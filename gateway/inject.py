@@ -19,6 +19,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.secret import Secret
 from gateway.tokens import PREFIX
 
+REDACTED: Final = "[redacted]"
+REDACTED_BYTES: Final = REDACTED.encode()
 HOP_BY_HOP: Final = frozenset(
     {
         "connection",
@@ -92,6 +94,22 @@ def key_forms(secret: str) -> tuple[str, ...]:
     return tuple(sorted(forms, key=len, reverse=True))
 
 
+def redact(value: str, forms: tuple[str, ...]) -> str:
+    """`value` with every form of the key (see `key_forms`) replaced by REDACTED."""
+    for form in forms:
+        if form in value:
+            value = value.replace(form, REDACTED)
+    return value
+
+
+def redact_bytes(data: bytes, forms: tuple[str, ...]) -> bytes:
+    for form in forms:
+        needle = form.encode()
+        if needle in data:
+            data = data.replace(needle, REDACTED_BYTES)
+    return data
+
+
 def find_token(
     headers: Mapping[str, str], query: Iterable[tuple[str, str]], slot: AuthSlot
 ) -> Secret[str] | None:
@@ -162,16 +180,10 @@ def response_headers(upstream: CIMultiDictProxy[str], forms: tuple[str, ...]) ->
     for name, value in upstream.items():
         if name.lower() in RESPONSE_DROP or any(form in name.lower() for form in lowered):
             continue
-        for form in forms:
-            value = value.replace(form, "[redacted]")
-        out.add(name, value)
+        out.add(name, redact(value, forms))
     return out
 
 
 def response_reason(reason: str | None, forms: tuple[str, ...]) -> str | None:
     """The upstream's reason phrase with any echo of the key (any of `key_forms`) scrubbed."""
-    if reason is None:
-        return None
-    for form in forms:
-        reason = reason.replace(form, "[redacted]")
-    return reason
+    return None if reason is None else redact(reason, forms)

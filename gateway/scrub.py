@@ -7,11 +7,8 @@ never delayed.
 
 from __future__ import annotations
 
-from typing import Final
-
+from gateway.inject import REDACTED_BYTES as REDACTED
 from gateway.inject import key_forms
-
-REDACTED: Final = b"[redacted]"
 
 
 class Scrubber:

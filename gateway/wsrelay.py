@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 from gateway.appkeys import SETTINGS
 from gateway.errors import WalletError
 from gateway.forward import Outbound, Timing
-from gateway.inject import response_headers
+from gateway.inject import redact, redact_bytes, response_headers
 from gateway.upstream import upstream_errors
 
 log = structlog.get_logger(__name__)
@@ -38,7 +38,6 @@ HANDSHAKE: Final = (
 REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
 HEARTBEAT_S: Final = 30.0
 MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
-REDACTED: Final = "[redacted]"
 # Close codes that only describe a closure and may not be sent in a close frame (RFC 6455 7.4.1).
 UNSENDABLE_CLOSE_CODES: Final = frozenset({1005, 1006, 1015})
 
@@ -162,15 +161,9 @@ async def _pump_down(
     try:
         async for message in upstream:
             if message.type == WSMsgType.TEXT:
-                text: str = message.data
-                for form in forms:
-                    text = text.replace(form, REDACTED)
-                await client.send_str(text)
+                await client.send_str(redact(message.data, forms))
             elif message.type == WSMsgType.BINARY:
-                data: bytes = message.data
-                for form in forms:
-                    data = data.replace(form.encode(), REDACTED.encode())
-                await client.send_bytes(data)
+                await client.send_bytes(redact_bytes(message.data, forms))
     except (aiohttp.ClientError, ConnectionError) as exc:
         log.info("websocket_closed", side="client", error=type(exc).__name__)
     finally:

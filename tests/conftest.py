@@ -27,6 +27,7 @@ from admin import embedded
 from admin.app import create_app as create_admin_app
 from gateway import audit, db, logs, services
 from gateway.app import create_app as create_gateway_app
+from gateway.hotredis import HotRedis
 from gateway.secret import Secret
 from gateway.settings import Settings
 
@@ -175,6 +176,16 @@ async def redis_client(servers: Servers, world: World) -> AsyncIterator[Redis]:
         yield redis
     finally:
         await redis.aclose()
+
+
+@pytest.fixture
+async def hot(servers: Servers, world: World) -> AsyncIterator[HotRedis]:
+    """The gateway's hot-path Redis client on the session's Redis (flushed by `world`)."""
+    client = HotRedis(servers.redis_url)
+    try:
+        yield client
+    finally:
+        await client.close()
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ cancellation, script reloading, reconnection, and redis-py's exceptions on failu
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -14,16 +13,7 @@ from redis.exceptions import ResponseError
 from admin.embedded import free_port
 from gateway.hotredis import HotRedis, HotScript
 from gateway.secret import Secret
-from tests.conftest import Servers, World
-
-
-@pytest.fixture
-async def hot(servers: Servers, world: World) -> AsyncIterator[HotRedis]:
-    client = HotRedis(servers.redis_url)
-    try:
-        yield client
-    finally:
-        await client.close()
+from tests.conftest import Servers
 
 
 async def test_concurrent_commands_get_their_own_replies(hot: HotRedis) -> None:

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,20 +12,10 @@ from aiohttp.test_utils import TestClient
 
 from gateway.hotredis import HotRedis
 from gateway.quota import Limit, Quotas, window
-from tests.conftest import Servers, World
 from tests.fakes import FakeUpstream
 
 OPENAI_KEY = "sk-proj-" + "Q" * 40
 SECOND_KEY = "sk-proj-" + "S" * 40
-
-
-@pytest.fixture
-async def hot(servers: Servers, world: World) -> AsyncIterator[HotRedis]:
-    client = HotRedis(servers.redis_url)
-    try:
-        yield client
-    finally:
-        await client.close()
 
 
 @pytest.mark.parametrize(
