@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck migrate seed fuzz format clean bench
+.PHONY: install run test lint typecheck migrate seed fuzz format clean bench bench-analytics
 
 install: $(STAMP)
 
@@ -45,6 +45,11 @@ fuzz: install
 # Gateway vs a direct call and a bare aiohttp proxy, on loopback (see bench/bench.py).
 bench: install
 	$(BIN)/python -m bench.bench
+
+# The analytics endpoints on 10 million generated usage records, in a scratch database
+# (see bench/analytics.py); results in bench/analytics-results.md.
+bench-analytics: install
+	$(BIN)/python -m bench.analytics
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -6,7 +6,16 @@ from typing import Final
 
 from aiohttp import web
 
-from admin import audit_api, auth, keys_api, openapi, services_api, tokens_api, users_api
+from admin import (
+    analytics_api,
+    audit_api,
+    auth,
+    keys_api,
+    openapi,
+    services_api,
+    tokens_api,
+    users_api,
+)
 from gateway.app import base_app
 from gateway.settings import Settings
 
@@ -17,6 +26,6 @@ def create_app(settings: Settings) -> web.Application:
     app = base_app(settings, "admin", REQUEST_ID_HEADER)
     app.router.add_post("/auth/login", auth.login, name="auth.login")
     app.router.add_get("/openapi.json", openapi.serve, name="openapi")
-    for module in (keys_api, services_api, tokens_api, users_api, audit_api):
+    for module in (keys_api, services_api, tokens_api, users_api, audit_api, analytics_api):
         module.add_routes(app)
     return app

@@ -13,6 +13,12 @@ INT: Final[J] = {"type": "integer"}
 BOOL: Final[J] = {"type": "boolean"}
 TIME: Final[J] = {"type": "string", "format": "date-time"}
 ID: Final[J] = {"type": "string", "format": "uuid"}
+RATE_LIMIT: Final[J] = {
+    "type": ["integer", "null"],
+    "minimum": 0,
+    "description": "Requests per minute for this token (ADMIN only; 0: unlimited); "
+    "null: its owner's tier.",
+}
 
 
 def _ref(name: str) -> J:
@@ -53,6 +59,8 @@ SCHEMAS: Final[J] = {
             "quotaPeriod": {
                 "enum": ["minute", "hour", "hourly", "daily", "day", "monthly", "month"]
             },
+            "weight": {"type": "number", "exclusiveMinimum": 0, "maximum": 1000000},
+            "maxConcurrency": {"type": "integer", "minimum": 1, "maximum": 1000000},
         },
         extra=True,
     ),
@@ -108,8 +116,29 @@ SCHEMAS: Final[J] = {
                 }
             ),
             "hosts": {"type": "array", "items": STR},
+            "strategy": _ref("Strategy"),
+            "cost_model": _ref("CostModel"),
         }
     ),
+    "Strategy": {
+        "enum": ["priority", "round_robin", "least_used", "weighted"],
+        "description": "How keys of the same tier and priority share requests: the oldest "
+        "first, in turn, the one with the fewest requests in its quota window, or at random "
+        "by metadata.weight.",
+    },
+    "CostModel": {
+        "type": ["object", "null"],
+        "properties": {
+            "per_call": STR,
+            "per_million_tokens": {
+                "type": "object",
+                "additionalProperties": _obj({"input": STR, "output": STR}),
+            },
+            "hold": STR,
+        },
+        "additionalProperties": False,
+        "description": "Decimal amounts (strings or numbers); null: requests cost nothing.",
+    },
     "NewService": _obj(
         {
             "slug": STR,
@@ -119,6 +148,8 @@ SCHEMAS: Final[J] = {
                 {"type": {"enum": ["bearer", "basic", "header", "query"]}, "name": STR}, ("type",)
             ),
             "hosts": {"type": "array", "items": STR},
+            "strategy": _ref("Strategy"),
+            "cost_model": _ref("CostModel"),
         },
         ("slug", "base_url", "auth"),
     ),
@@ -130,6 +161,8 @@ SCHEMAS: Final[J] = {
             "auth": _obj(
                 {"type": {"enum": ["bearer", "basic", "header", "query"]}, "name": STR}, ("type",)
             ),
+            "strategy": _ref("Strategy"),
+            "cost_model": _ref("CostModel"),
         }
     ),
     "Token": _obj(
@@ -142,14 +175,29 @@ SCHEMAS: Final[J] = {
             "created_at": TIME,
             "expires_at": {"type": ["string", "null"]},
             "revoked_at": {"type": ["string", "null"]},
+            "budget": _ref("Budget"),
+            "rate_limit": RATE_LIMIT,
             "token": STR,
         }
     ),
+    "Budget": {
+        "type": ["object", "null"],
+        "properties": {
+            "amount": {"type": ["string", "number"]},
+            "period": {"enum": ["minute", "hour", "daily", "monthly"]},
+        },
+        "required": ["amount"],
+        "additionalProperties": False,
+        "description": "At most `amount` spent per UTC `period` (default monthly); null: none.",
+    },
+    "TokenChange": _obj({"name": STR, "budget": _ref("Budget"), "rate_limit": RATE_LIMIT}),
     "NewToken": _obj(
         {
             "name": STR,
             "services": {"type": "array", "items": STR, "minItems": 1},
             "expires_at": {"type": ["string", "null"], "format": "date-time"},
+            "budget": _ref("Budget"),
+            "rate_limit": RATE_LIMIT,
         },
         ("name", "services"),
     ),
@@ -159,6 +207,8 @@ SCHEMAS: Final[J] = {
             "username": STR,
             "role": {"enum": ["USER", "ADMIN"]},
             "enabled": BOOL,
+            "tier": STR,
+            "budget": _ref("Budget"),
             "created_at": TIME,
             "updated_at": TIME,
         }
@@ -171,7 +221,17 @@ SCHEMAS: Final[J] = {
         },
         ("username", "password"),
     ),
-    "UserChange": _obj({"role": {"enum": ["USER", "ADMIN"]}, "enabled": BOOL}),
+    "UserChange": _obj(
+        {
+            "role": {"enum": ["USER", "ADMIN"]},
+            "enabled": BOOL,
+            "tier": {
+                "type": ["string", "null"],
+                "description": "A tier of RATE_LIMIT_TIERS; null: by role (admin or free).",
+            },
+            "budget": _ref("Budget"),
+        }
+    ),
     "PasswordChange": _obj(
         {"current_password": STR, "new_password": {"type": "string", "minLength": 12}},
         ("new_password",),
@@ -205,6 +265,74 @@ SCHEMAS: Final[J] = {
             "checks": _obj({"postgres": STR, "redis": STR, "vault": STR}),
         }
     ),
+    # Analytics: counts are integers, costs decimal strings ("12.34"), times ISO 8601 UTC.
+    "Overview": _obj(
+        {
+            "from": TIME,
+            "to": TIME,
+            "totals": _obj({"requests": INT, "errors": INT, "fallbacks": INT, "cost": STR}),
+            "by_service": {
+                "type": "array",
+                "items": _obj(
+                    {"service": STR, "requests": INT, "errors": INT, "fallbacks": INT, "cost": STR}
+                ),
+            },
+            "by_key": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "key_id": ID,
+                        "service": STR,
+                        "name": {"type": ["string", "null"]},
+                        "tier": {"type": ["string", "null"]},
+                        "deleted": BOOL,
+                        "requests": INT,
+                        "errors": INT,
+                        "fallbacks": INT,
+                        "cost": STR,
+                        "quota": {"type": ["integer", "null"]},
+                        "period": {"type": ["string", "null"]},
+                        "quota_used": {"type": ["integer", "null"]},
+                        "quota_left": {"type": ["integer", "null"]},
+                        "resets_at": {"type": ["string", "null"], "format": "date-time"},
+                    }
+                ),
+            },
+            "quota_state": {"enum": ["ok", "unavailable"]},
+        },
+        ("totals", "by_service", "by_key"),
+    ),
+    "Usage": _obj(
+        {
+            "granularity": {"enum": ["hour", "day", "month"]},
+            "from": TIME,
+            "to": TIME,
+            "series": {
+                "type": "array",
+                "items": _obj(
+                    {"ts": TIME, "requests": INT, "errors": INT, "fallbacks": INT, "cost": STR}
+                ),
+            },
+        },
+        ("granularity", "series"),
+    ),
+}
+ANALYTICS_FILTERS: Final = [
+    {"name": "from", "in": "query", "schema": TIME},
+    {"name": "to", "in": "query", "schema": TIME},
+    {"name": "service", "in": "query", "schema": STR},
+    {"name": "key", "in": "query", "schema": ID},
+    {"name": "user", "in": "query", "schema": ID},
+]
+TOP_KEYS: Final[J] = {
+    "name": "limit",
+    "in": "query",
+    "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+}
+GRANULARITY: Final[J] = {
+    "name": "granularity",
+    "in": "query",
+    "schema": {"enum": ["hour", "day", "month"]},
 }
 
 ERRORS: Final[J] = {
@@ -324,6 +452,12 @@ def document() -> J:
             },
             "/tokens/{id}": {
                 "get": _op("Show a token", ok=(200, "Token"), params=[token_id]),
+                "put": _op(
+                    "Change a token's name, budget or (ADMIN) rate limit",
+                    body="TokenChange",
+                    ok=(200, "Token"),
+                    params=[token_id],
+                ),
                 "delete": _op("Revoke a token", ok=(204, None), params=[token_id]),
             },
             "/users": {
@@ -335,7 +469,7 @@ def document() -> J:
                     "Show a user (self or ADMIN; `me` works)", ok=(200, "User"), params=[user_id]
                 ),
                 "put": _op(
-                    "Change role or enabled (ADMIN)",
+                    "Change role, enabled, rate-limit tier or budget (ADMIN)",
                     body="UserChange",
                     ok=(200, "User"),
                     params=[user_id],
@@ -356,6 +490,20 @@ def document() -> J:
             },
             "/audit/verify": {
                 "get": _op("Verify the audit chain (ADMIN)", ok=(200, "AuditVerdict"))
+            },
+            "/analytics/overview": {
+                "get": _op(
+                    "Totals, per service and per key with quota left (a USER: own usage)",
+                    ok=(200, "Overview"),
+                    params=[*ANALYTICS_FILTERS, TOP_KEYS],
+                )
+            },
+            "/analytics/usage": {
+                "get": _op(
+                    "Usage time series (a USER: own usage)",
+                    ok=(200, "Usage"),
+                    params=[*ANALYTICS_FILTERS, GRANULARITY],
+                )
             },
             "/monitoring/health": {"get": _op("Health", ok=(200, "Health"), auth=False)},
             "/monitoring/metrics": {

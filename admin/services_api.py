@@ -11,10 +11,11 @@ from admin.auth import admin_only, authenticated, source
 from admin.body import list_response, optional_str, pagination, read_object, reject_unknown
 from gateway import invalidation, services
 from gateway.appkeys import POOL, REDIS, SETTINGS
+from gateway.costs import validate_cost_model
 from gateway.errors import ValidationFailed
 
-CREATE_FIELDS: Final = {"slug", "name", "base_url", "auth", "hosts"}
-UPDATE_FIELDS: Final = {"name", "base_url", "auth", "hosts"}
+CREATE_FIELDS: Final = {"slug", "name", "base_url", "auth", "hosts", "strategy", "cost_model"}
+UPDATE_FIELDS: Final = {"name", "base_url", "auth", "hosts", "strategy", "cost_model"}
 
 
 async def list_(request: web.Request) -> web.Response:
@@ -48,6 +49,10 @@ def _changes(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
         changes["auth_type"], changes["auth_name"] = services.validate_auth(body["auth"])
     if "hosts" in body:
         changes["hosts"] = services.validate_hosts(body["hosts"])
+    if "strategy" in body:
+        changes["strategy"] = services.validate_strategy(body["strategy"])
+    if "cost_model" in body:
+        changes["cost_model"] = validate_cost_model(body["cost_model"])
     return changes
 
 
@@ -68,6 +73,8 @@ async def create(request: web.Request) -> web.Response:
         changes["auth_type"],
         changes["auth_name"],
         changes.get("hosts", default_hosts),
+        strategy=changes.get("strategy", "priority"),
+        cost_model=changes.get("cost_model"),
     )
     async with request.app[POOL].acquire() as conn:
         created = await services.create_service(conn, user.actor(source(request)), service)

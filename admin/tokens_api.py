@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 
 from admin.auth import authenticated, owner_scope, source
 from admin.body import list_response, pagination, read_object, reject_unknown
-from gateway import invalidation, services, tokens
+from gateway import invalidation, limits, services, tokens
 from gateway.appkeys import POOL, REDIS
-from gateway.errors import ValidationFailed
+from gateway.errors import Forbidden, ValidationFailed
+from gateway.users import User
 
-CREATE_FIELDS: Final = {"name", "services", "expires_at"}
+CREATE_FIELDS: Final = {"name", "services", "expires_at", "budget", "rate_limit"}
+UPDATE_FIELDS: Final = {"name", "budget", "rate_limit"}
 MAX_SERVICES: Final = 100
 
 
@@ -30,6 +32,8 @@ async def create(request: web.Request) -> web.Response:
     ):
         raise ValidationFailed("services", "must be a non-empty list of service slugs")
     expires_at = tokens.validate_expiry(body.get("expires_at"))
+    budget = limits.validate_budget(body.get("budget"))
+    rate_limit = _rate_limit(user, body)
     async with request.app[POOL].acquire() as conn:
         for slug in wanted:
             await services.get_service(conn, slug)
@@ -40,8 +44,41 @@ async def create(request: web.Request) -> web.Response:
             name,
             list(dict.fromkeys(wanted)),
             expires_at,
+            budget,
+            rate_limit,
         )
     return web.json_response({**record.to_json(), "token": token.reveal()}, status=201)
+
+
+def _rate_limit(user: User, body: dict[str, Any]) -> int | None:
+    """A token's own rate limit (requests per minute) overrides its owner's tier: only an
+    ADMIN may set one."""
+    value = limits.validate_rate_limit(body.get("rate_limit"))
+    if value is not None and not user.is_admin:
+        raise Forbidden("only an ADMIN may set a token's rate_limit")
+    return value
+
+
+async def update(request: web.Request) -> web.Response:
+    """`PUT /tokens/{id}`: name, budget and (ADMIN) rate_limit; never the token itself."""
+    user = await authenticated(request)
+    body = await read_object(request)
+    reject_unknown(body, UPDATE_FIELDS)
+    changes: dict[str, Any] = {}
+    if "name" in body:
+        changes["name"] = tokens.validate_name(body["name"])
+    if "budget" in body:
+        changes["budget"] = limits.validate_budget(body["budget"])
+    if "rate_limit" in body:
+        if not user.is_admin:
+            raise Forbidden("only an ADMIN may set a token's rate_limit")
+        changes["rate_limit"] = limits.validate_rate_limit(body["rate_limit"])
+    async with request.app[POOL].acquire() as conn:
+        record = await tokens.update_token(
+            conn, user.actor(source(request)), owner_scope(user), request.match_info["id"], changes
+        )
+    await invalidation.publish(request.app[REDIS], "token", record.id)
+    return web.json_response(record.to_json())
 
 
 async def list_(request: web.Request) -> web.Response:
@@ -73,4 +110,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/tokens", create, name="tokens.create")
     app.router.add_get("/tokens", list_, name="tokens.list")
     app.router.add_get("/tokens/{id}", show, name="tokens.show")
+    app.router.add_put("/tokens/{id}", update, name="tokens.update")
     app.router.add_delete("/tokens/{id}", revoke, name="tokens.revoke")

@@ -8,13 +8,13 @@ from aiohttp import web
 
 from admin.auth import admin_only, authenticated, source
 from admin.body import list_response, optional_bool, pagination, read_object, reject_unknown
-from gateway import invalidation, users
-from gateway.appkeys import POOL, REDIS
+from gateway import invalidation, limits, users
+from gateway.appkeys import POOL, REDIS, SETTINGS
 from gateway.errors import Forbidden, NotFound, ValidationFailed
 from gateway.secret import Secret
 
 CREATE_FIELDS: Final = {"username", "password", "role"}
-UPDATE_FIELDS: Final = {"role", "enabled"}
+UPDATE_FIELDS: Final = {"role", "enabled", "tier", "budget"}
 PASSWORD_FIELDS: Final = {"current_password", "new_password"}
 
 
@@ -59,9 +59,18 @@ async def update(request: web.Request) -> web.Response:
     reject_unknown(body, UPDATE_FIELDS)
     role = users.validate_role(body["role"]) if "role" in body else None
     enabled = optional_bool(body, "enabled")
+    tiers = request.app[SETTINGS].rate_limit_tiers
+    tier = users.validate_tier(body["tier"], tiers) if "tier" in body else users.UNCHANGED
+    budget = limits.validate_budget(body["budget"]) if "budget" in body else users.UNCHANGED
     async with request.app[POOL].acquire() as conn:
         user = await users.update_user(
-            conn, admin.actor(source(request)), _target(request, admin), role=role, enabled=enabled
+            conn,
+            admin.actor(source(request)),
+            _target(request, admin),
+            role=role,
+            enabled=enabled,
+            tier=tier,
+            budget=budget,
         )
     await invalidation.publish(request.app[REDIS], "user", user.id)
     return web.json_response(user.to_json())

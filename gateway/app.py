@@ -25,6 +25,7 @@ from gateway.appkeys import (
     CATALOG,
     COOLDOWNS,
     KEYPOOL,
+    LIMITS,
     METRICS,
     POOL,
     PRESSURE,
@@ -39,6 +40,7 @@ from gateway.catalog import Catalog
 from gateway.cooldown import Cooldowns, Pressure
 from gateway.hotredis import HotRedis
 from gateway.keypool import KeyPool
+from gateway.limits import Limits
 from gateway.metrics import Metrics
 from gateway.middleware import make_middleware, make_prepare_hook
 from gateway.quota import Quotas
@@ -72,6 +74,8 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
     assert redis_url is not None, "REDIS_URL is resolved before the app starts"
     hot = HotRedis(redis_url)
     app[QUOTAS] = Quotas(hot)
+    settings = app[SETTINGS]
+    app[LIMITS] = Limits(hot, settings.rate_limit_tiers, settings.enable_rate_limiting)
     app[COOLDOWNS] = cooldowns = Cooldowns(app[REDIS])
     app[STICKY] = Stickiness()
     app[PRESSURE] = Pressure()

@@ -12,6 +12,7 @@ from gateway.callers import Callers
 from gateway.catalog import Catalog
 from gateway.cooldown import Cooldowns, Pressure
 from gateway.keypool import KeyPool
+from gateway.limits import Limits
 from gateway.metrics import Metrics
 from gateway.quota import Quotas
 from gateway.selection import Stickiness
@@ -28,6 +29,7 @@ CATALOG = web.AppKey("catalog", Catalog)
 CALLERS = web.AppKey("callers", Callers)
 KEYPOOL = web.AppKey("keypool", KeyPool)
 QUOTAS = web.AppKey("quotas", Quotas)
+LIMITS = web.AppKey("limits", Limits)
 COOLDOWNS = web.AppKey("cooldowns", Cooldowns)
 PRESSURE = web.AppKey("pressure", Pressure)
 STICKY = web.AppKey("sticky", Stickiness)

@@ -1,7 +1,9 @@
 """Keys resting after their upstream refused them for rate or quota reasons.
 
-When an upstream answers 429 for a key, the key rests for the upstream's `Retry-After` (or
-`retry-after-ms`), DEFAULT_S if it gives none, and comes back on its own afterwards. The
+When an upstream refuses a key for rate or quota reasons (gateway/signals.py judges the
+answer), the key rests for the upstream's `Retry-After` (or `retry-after-ms`, or its
+rate-limit reset headers), a per-signal default if it gives none, and comes back on its own
+afterwards. The
 process that saw the refusal tells every gateway process over the invalidation channel, and
 each keeps the resting keys in memory, so choosing a key costs no round trip. A process that
 starts later, or misses the message, learns it the same way: the key's next refusal.
@@ -26,6 +28,13 @@ MAX_S: Final = 24 * 3600.0  # an upstream cannot bench a key for longer than a d
 def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float:
     """How long the upstream asked us to wait: `retry-after-ms`, `Retry-After` in seconds or
     as an HTTP date; DEFAULT_S when absent or unreadable; capped at MAX_S."""
+    wait = asked_wait_s(headers, now)
+    return DEFAULT_S if wait is None else wait
+
+
+def asked_wait_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """`retry-after-ms`, else `Retry-After` (seconds or an HTTP date), capped at MAX_S; None
+    when the upstream named no (usable) wait."""
     wait: float | None = None
     if ms := headers.get("retry-after-ms"):
         try:
@@ -41,7 +50,7 @@ def retry_after_s(headers: Mapping[str, str], now: float | None = None) -> float
             except (TypeError, ValueError):
                 wait = None
     if wait is None or wait != wait or wait <= 0:  # absent, NaN, or in the past
-        return DEFAULT_S
+        return None
     return min(wait, MAX_S)
 
 
@@ -93,19 +102,52 @@ _DURATION = re.compile(
 )
 
 
-def reset_after_s(value: str) -> float | None:
-    """OpenAI's `x-ratelimit-reset-requests` ("1s", "6m0s", "20ms", "1h2m3.5s") or plain
-    seconds; None when unreadable."""
+LIMIT_PAIRS: Final = (
+    ("x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"),
+    ("x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"),
+    ("x-ratelimit-remaining", "x-ratelimit-reset"),
+)
+# A plain reset number this large is a point in time (epoch seconds, as GitHub sends), not
+# a duration: no upstream window lasts 30 years.
+EPOCH_AFTER: Final = 10**9
+
+
+def reset_after_s(value: str, now: float | None = None) -> float | None:
+    """OpenAI's `x-ratelimit-reset-requests` ("1s", "6m0s", "20ms", "1h2m3.5s"), plain
+    seconds, or epoch seconds; None when unreadable."""
     value = value.strip()
     try:
-        return max(float(value), 0.0)
+        number = float(value)
     except ValueError:
         pass
+    else:
+        if number != number:  # NaN
+            return None
+        if number >= EPOCH_AFTER:
+            number -= now or time.time()
+        return max(number, 0.0)
     match = _DURATION.fullmatch(value)
     if not match or not value:
         return None
     hours, minutes, seconds, millis = (float(g) if g else 0.0 for g in match.groups())
     return hours * 3600 + minutes * 60 + seconds + millis / 1000
+
+
+def limit_reset_s(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """When a refused key's upstream window resets, from its rate-limit headers: the longest
+    reset among the limits whose `remaining` is 0 (all of them when none says 0, as a limit
+    on tokens and one on requests come with their own pair), capped at MAX_S; None without
+    any readable reset header."""
+    exhausted: list[float] = []
+    others: list[float] = []
+    for remaining, reset in LIMIT_PAIRS:
+        value = headers.get(reset)
+        wait = reset_after_s(value, now) if value is not None else None
+        if wait is None or wait <= 0:
+            continue
+        (exhausted if headers.get(remaining, "").strip() == "0" else others).append(wait)
+    waits = exhausted or others
+    return min(max(waits), MAX_S) if waits else None
 
 
 class Pressure:

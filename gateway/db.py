@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,9 +27,19 @@ DB_ERRORS: Final = (
     OSError,
     TimeoutError,
     asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
+    # Class 57: shutting down (a fast shutdown ends running queries with AdminShutdownError),
+    # starting up (CannotConnectNowError), or a query cancelled by the server.
+    asyncpg.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,
 )
+# How long a gateway read on the request path (a free connection, a connect, the query) may
+# wait before the request is answered from cache or with 503: asyncpg would wait 60 s for a
+# connect to a host that does not answer.
+LOOKUP_TIMEOUT_S: Final = 3.0
+# How long the gateway's caches (tokens, keys, services) may keep serving an answer that
+# PostgreSQL last confirmed this long ago, while PostgreSQL cannot be reached.
+STALE_MAX_S: Final = 15 * 60.0
 SCHEMA_TABLE: Final = """
 CREATE TABLE IF NOT EXISTS schema_migrations (
     version    text PRIMARY KEY,
@@ -44,6 +55,31 @@ Connection: TypeAlias = (
     "asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]"
 )
 Record = asyncpg.Record
+
+
+class OutageLog:
+    """Logs once when a cache finds PostgreSQL unreachable and once when it is back, however
+    many requests meet the outage in between."""
+
+    def __init__(self, cache: str) -> None:
+        self._cache = cache
+        self._since: float | None = None
+
+    def failed(self, exc: BaseException) -> None:
+        if self._since is None:
+            self._since = time.monotonic()
+            log.warning(
+                "postgres_unreachable_serving_cached",
+                cache=self._cache,
+                error=type(exc).__name__,
+                stale_max_s=STALE_MAX_S,
+            )
+
+    def succeeded(self) -> None:
+        if self._since is not None:
+            elapsed = round(time.monotonic() - self._since, 1)
+            log.info("postgres_reachable_again", cache=self._cache, after_s=elapsed)
+            self._since = None
 
 
 def one(row: Record | None) -> Record:

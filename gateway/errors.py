@@ -111,6 +111,20 @@ class KeysResting(TooManyRequests):
         self.headers["x-should-retry"] = "false"
 
 
+class KeysBusy(TooManyRequests):
+    code = "keys_busy"
+
+    def __init__(self, service: str) -> None:
+        super().__init__(
+            f"every {service} key this token may use has as many requests in flight as its "
+            "metadata.maxConcurrency allows; retry in a moment",
+            1,
+        )
+        # Unlike a spent quota, a slot frees up as soon as a request in flight ends: the SDKs'
+        # own retry after Retry-After (1 s) is what the caller wants here.
+        self.headers["x-should-retry"] = "true"
+
+
 class VaultSealed(WalletError):
     status, code = 503, "vault_sealed"
 
@@ -120,6 +134,19 @@ class VaultSealed(WalletError):
 
 class Unavailable(WalletError):
     status, code = 503, "service_unavailable"
+
+
+class DatabaseUnavailable(WalletError):
+    """PostgreSQL cannot be reached and no cached answer may stand in for it (a token never
+    seen, a service's keys not loaded yet, or a cached answer past its staleness bound)."""
+
+    status, code = 503, "database_unavailable"
+
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"the database is unavailable and {what} cannot be checked without it; retry shortly",
+            headers={"Retry-After": "1"},
+        )
 
 
 class NoKey(WalletError):

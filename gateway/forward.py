@@ -18,11 +18,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from gateway.cooldown import retry_after_s
+from gateway import signals
+from gateway.costs import Meter
 from gateway.errors import PayloadTooLarge, WalletError
 from gateway.inject import redact_bytes, response_headers, response_reason
 from gateway.scrub import Scrubber
 from gateway.secret import Secret
+from gateway.signals import JUDGE_BODY_BYTES, Verdict
 from gateway.upstream import SESSION, upstream_errors
 
 log = structlog.get_logger(__name__)
@@ -30,11 +32,6 @@ log = structlog.get_logger(__name__)
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 # Bodies up to this size with a Content-Length are relayed whole (see `_whole_body`).
 WHOLE_BODY_BYTES: Final = 64 * 1024
-# Upstream answers that say "not with this key": another key may be tried. 429: rate or quota,
-# the key rests; 401: the key is not valid (any more), it is marked invalid.
-RATE_LIMITED: Final = 429
-INVALID_KEY: Final = 401
-REFUSALS: Final = frozenset({RATE_LIMITED, INVALID_KEY})
 
 
 class ClientTooSlow(WalletError):
@@ -78,11 +75,11 @@ class BodyGuard:
 
 @dataclass(frozen=True)
 class Refusal:
-    """The upstream refused the key before anything was relayed, for rate or quota reasons
-    (429) or as invalid (401): the caller may try another key."""
+    """The upstream refused the key before anything was relayed (rate, quota, invalid, or
+    denied: see gateway/signals.py): the caller may try another key."""
 
     status: int
-    retry_after_s: float
+    verdict: Verdict
 
 
 @dataclass(frozen=True)
@@ -95,16 +92,19 @@ class Outbound:
     key: Secret[str]
     forms: tuple[str, ...]  # the key as the upstream may echo it (inject.key_forms)
     extra_headers: dict[str, str]
+    meter: Meter | None = None  # sees the response body, for a cost known only from it
 
 
 @dataclass
 class Timing:
-    """When each step happened (loop time), and how much body went back to the client."""
+    """When each step happened (loop time), how much body went back to the client, and what
+    the relayed answer said about the key (signals.OK unless it was judged otherwise)."""
 
     upstream_started: float = 0.0
     upstream_headers: float = 0.0
     client_prepared: float = 0.0
     bytes_out: int = 0
+    verdict: Verdict = signals.OK
 
 
 async def stream(
@@ -114,25 +114,40 @@ async def stream(
     timing: Timing,
     refusable: bool = False,
 ) -> web.StreamResponse | Refusal:
-    """Forward `out` and relay the answer. With `refusable`, an upstream 429 is not relayed
-    but returned as a Refusal (its body read and dropped), for the caller to fail over."""
+    """Forward `out` and relay the answer. An error answer (or a 200 of a service that
+    reports errors in it) is judged by gateway/signals.py from its status and small body: with
+    `refusable`, one that another key may serve is not relayed but returned as a Refusal, for
+    the caller to fail over; otherwise it is relayed unchanged and `timing.verdict` says what
+    it meant for the key. Other answers are streamed without a look at their body."""
     session = request.app[SESSION]
     loop = asyncio.get_running_loop()
     timing.upstream_started = loop.time()
+    timing.verdict = signals.OK
     try:
         with upstream_errors(out.service):
             async with session.request(
                 out.method, out.url, headers=out.headers, data=out.body, allow_redirects=False
             ) as upstream:
                 timing.upstream_headers = loop.time()
-                if refusable and upstream.status in REFUSALS:
-                    await _drain(upstream)
-                    return Refusal(upstream.status, retry_after_s(upstream.headers))
+                read: bytes | None = None  # the whole body, when read to judge the answer
+                head = b""  # the body's first bytes, when that read stopped short
+                if signals.judged(out.service, upstream.status):
+                    verdict, read, head = await _judge(out, upstream)
+                    if refusable and verdict.fails_over:
+                        if head:
+                            upstream.close()  # a long body: not worth reading to its end
+                        elif read is None:
+                            await _drain(upstream)
+                        return Refusal(upstream.status, verdict)
+                    timing.verdict = verdict
                 headers = response_headers(upstream.headers, out.forms)
                 headers.update(out.extra_headers)
                 reason = response_reason(upstream.reason, out.forms)
-                if _whole_body(out.method, upstream):
-                    body = redact_bytes(await upstream.read(), out.forms)
+                if read is not None or _whole_body(out.method, upstream):
+                    whole = read if read is not None else await upstream.read()
+                    body = redact_bytes(whole, out.forms)
+                    if out.meter is not None:
+                        out.meter.feed(body)
                     timing.client_prepared = loop.time()
                     timing.bytes_out = len(body)
                     return web.Response(
@@ -144,12 +159,38 @@ async def stream(
                 await response.prepare(request)
                 timing.client_prepared = loop.time()
                 if out.method != "HEAD" and upstream.status not in NO_BODY_STATUSES:
-                    await _relay_or_abort(request, upstream, response, out, timing)
+                    await _relay_or_abort(request, upstream, response, out, timing, head)
                 return response
     except WalletError:
         if guard is not None and guard.failure is not None:
             raise guard.failure from None
         raise
+
+
+async def _judge(
+    out: Outbound, upstream: aiohttp.ClientResponse
+) -> tuple[Verdict, bytes | None, bytes]:
+    """The verdict on an answer, with its body when read whole (at most JUDGE_BODY_BYTES,
+    decompressed by aiohttp), or the first bytes read when the body turned out longer (then
+    judged by status and headers alone, as is a body not worth reading)."""
+    status, headers = upstream.status, upstream.headers
+    length = upstream.content_length
+    if (
+        out.method == "HEAD"
+        or status in NO_BODY_STATUSES
+        or (length is not None and length > JUDGE_BODY_BYTES)
+        or not signals.reads_body(out.service, status, headers.get("Content-Type", ""))
+    ):
+        return signals.classify(out.service, status, headers, None), None, b""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in upstream.content.iter_any():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > JUDGE_BODY_BYTES:
+            return signals.classify(out.service, status, headers, None), None, b"".join(chunks)
+    body = b"".join(chunks)
+    return signals.classify(out.service, status, headers, body), body, b""
 
 
 async def _drain(upstream: aiohttp.ClientResponse) -> None:
@@ -182,12 +223,14 @@ async def _relay_or_abort(
     response: web.StreamResponse,
     out: Outbound,
     timing: Timing,
+    head: bytes = b"",
 ) -> None:
     """Once the status line is sent an error can't be reported in-band: on a failure of
     either side, cut the client connection so it sees a truncated body, not a complete one.
     Leaving the `async with` then closes the upstream request."""
     try:
-        await _relay(upstream, response, Scrubber(out.key.reveal(), out.forms), timing)
+        scrubber = Scrubber(out.key.reveal(), out.forms)
+        await _relay(upstream, response, scrubber, timing, out.meter, head)
         await response.write_eof()
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         log.warning("stream_aborted", service=out.service, error=type(exc).__name__)
@@ -200,13 +243,28 @@ async def _relay(
     response: web.StreamResponse,
     scrubber: Scrubber,
     timing: Timing,
+    meter: Meter | None,
+    head: bytes = b"",
 ) -> None:
-    async for chunk in upstream.content.iter_any():
+    # `head`: bytes already read to judge the answer, relayed first (rarely: the common
+    # path iterates the upstream directly).
+    chunks = _prefixed(head, upstream) if head else upstream.content.iter_any()
+    async for chunk in chunks:
         cleaned = scrubber.feed(chunk)
         if cleaned:
             timing.bytes_out += len(cleaned)
+            if meter is not None:
+                meter.feed(cleaned)
             await response.write(cleaned)
     rest = scrubber.flush()
     if rest:
         timing.bytes_out += len(rest)
+        if meter is not None:
+            meter.feed(rest)
         await response.write(rest)
+
+
+async def _prefixed(head: bytes, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    yield head
+    async for chunk in upstream.content.iter_any():
+        yield chunk

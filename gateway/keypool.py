@@ -2,21 +2,31 @@
 
 Plaintext keys live only here (and in the outbound request). A background task reloads the
 services in use every TTL_S, so requests do not wait on PostgreSQL and keep being served
-from the last good copy while it is down; entries are dropped at once when the admin app
-announces a change to keys, users or services (the next request then loads them).
+from the last good copy while it is down, for up to STALE_MAX_S after it was loaded; entries
+are dropped at once when the admin app announces a change to keys, users or services (the
+next request then loads them). A service whose keys are not loaded (or too old) while
+PostgreSQL is unreachable gets 503 `database_unavailable` within LOOKUP_TIMEOUT_S.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+import time
+from typing import Final, NamedTuple
 
 import structlog
 
-from gateway.db import DB_ERRORS, Pool
-from gateway.errors import VaultSealed
+from gateway.db import DB_ERRORS, LOOKUP_TIMEOUT_S, STALE_MAX_S, OutageLog, Pool
+from gateway.errors import DatabaseUnavailable, VaultSealed
 from gateway.inject import key_forms
-from gateway.selection import DEFAULT_PERIOD, UsableKey, quota_of, rank
+from gateway.selection import (
+    DEFAULT_PERIOD,
+    UsableKey,
+    concurrency_cap_of,
+    quota_of,
+    rank,
+    weight_of,
+)
 from gateway.vault import Sealed, Vault, VaultError, key_aad
 
 log = structlog.get_logger(__name__)
@@ -26,12 +36,18 @@ ENABLED_KEYS: Final = """SELECT id, owner_id, service, tier, priority, created_a
 metadata FROM api_keys WHERE service = $1 AND enabled AND status = 'active'"""
 
 
+class _Loaded(NamedTuple):
+    keys: tuple[UsableKey, ...]
+    at: float  # monotonic clock
+
+
 class KeyPool:
     def __init__(self, pool: Pool, vault: Vault, default_free_quota: int) -> None:
         self._pool = pool
         self._vault = vault
         self._default_free_quota = default_free_quota
-        self._by_service: dict[str, tuple[UsableKey, ...]] = {}
+        self._by_service: dict[str, _Loaded] = {}
+        self._outage = OutageLog("keys")
         # Bumped by every invalidation: a load that started before one is not cached.
         self._generation = 0
 
@@ -39,17 +55,24 @@ class KeyPool:
         """Enabled, active keys of `service`, best first."""
         if not self._vault.unsealed:
             raise VaultSealed()
-        keys = self._by_service.get(service)
-        if keys is None:
-            generation = self._generation
-            keys = await self._load(service)
-            if generation == self._generation:
-                self._by_service[service] = keys
+        loaded = self._by_service.get(service)
+        if loaded is not None and time.monotonic() - loaded.at < STALE_MAX_S:
+            return loaded.keys
+        generation = self._generation
+        try:
+            async with asyncio.timeout(LOOKUP_TIMEOUT_S):
+                keys = await self._load(service)
+        except DB_ERRORS as exc:
+            self._outage.failed(exc)
+            raise DatabaseUnavailable(f"the {service} keys") from exc
+        self._outage.succeeded()
+        if generation == self._generation:
+            self._by_service[service] = _Loaded(keys, time.monotonic())
         return keys
 
     async def keep_fresh(self) -> None:
         """Background: reload every service in use each TTL_S; a failed reload keeps the
-        last good copy."""
+        last good copy (logged once per outage)."""
         while True:
             await asyncio.sleep(TTL_S)
             for service in list(self._by_service):
@@ -57,10 +80,11 @@ class KeyPool:
                 try:
                     keys = await self._load(service)
                 except DB_ERRORS as exc:
-                    log.warning("keypool_refresh_failed", service=service, error=type(exc).__name__)
+                    self._outage.failed(exc)
                     break
+                self._outage.succeeded()
                 if generation == self._generation:
-                    self._by_service[service] = keys
+                    self._by_service[service] = _Loaded(keys, time.monotonic())
 
     async def _load(self, service: str) -> tuple[UsableKey, ...]:
         async with self._pool.acquire() as conn:
@@ -89,6 +113,8 @@ class KeyPool:
                     key_forms(secret.reveal()),
                     quota_of(row["tier"], metadata, self._default_free_quota),
                     str(metadata.get("quotaPeriod") or DEFAULT_PERIOD),
+                    weight_of(metadata),
+                    concurrency_cap_of(metadata),
                 )
             )
         return tuple(rank(keys))

@@ -152,6 +152,18 @@ def validate_metadata(value: object, secret: Secret[str] | None = None) -> dict[
         meta["quotaPeriod"] = period
     if "type" in meta and not isinstance(meta["type"], str | None):
         raise ValidationFailed("metadata.type", "must be a string")
+    weight = meta.get("weight")  # share of its group's traffic (`weighted` strategy)
+    if weight is not None and (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not 0 < weight <= 10**6  # NaN fails too
+    ):
+        raise ValidationFailed("metadata.weight", "must be a number > 0 and <= 1000000")
+    cap = meta.get("maxConcurrency")  # requests in flight at once, across every gateway
+    if cap is not None and (
+        isinstance(cap, bool) or not isinstance(cap, int) or not 1 <= cap <= 10**6
+    ):
+        raise ValidationFailed("metadata.maxConcurrency", "must be a whole number >= 1")
     encoded = json.dumps(meta)
     if len(encoded) > MAX_METADATA_BYTES:
         raise ValidationFailed("metadata", f"must be at most {MAX_METADATA_BYTES} bytes as JSON")

@@ -141,7 +141,20 @@ class Metrics:
         )
         self.cooldowns = Counter(
             "wallet_cooldowns_total",
-            "Keys put to rest after an upstream refused them for rate or quota reasons",
+            "Keys put to rest after an upstream refused them, by service and reason "
+            "(rate, quota, invalid)",
+            const_labels=labels,
+            registry=self.registry,
+        )
+        self.cost = Counter(
+            "wallet_cost_total",
+            "What proxied requests cost by their services' cost models, by service",
+            const_labels=labels,
+            registry=self.registry,
+        )
+        self.client_limited = Counter(
+            "wallet_client_limited_total",
+            "Requests refused by a client limit (rate_limited, budget_exceeded), by service",
             const_labels=labels,
             registry=self.registry,
         )

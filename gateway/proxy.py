@@ -19,12 +19,13 @@ import structlog
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway import invalidation, keys, routing, tasks, wsrelay
+from gateway import costs, invalidation, keys, routing, signals, tasks, wsrelay
 from gateway.appkeys import (
     CALLERS,
     CATALOG,
     COOLDOWNS,
     KEYPOOL,
+    LIMITS,
     METRICS,
     POOL,
     PRESSURE,
@@ -34,8 +35,9 @@ from gateway.appkeys import (
     STICKY,
 )
 from gateway.callers import Caller
-from gateway.cooldown import DEFAULT_S, retry_after_s
+from gateway.costs import CostModel, Meter
 from gateway.errors import (
+    KeysBusy,
     KeysResting,
     NoKey,
     NotFound,
@@ -43,18 +45,23 @@ from gateway.errors import (
     QuotaExhausted,
     WalletError,
 )
-from gateway.forward import INVALID_KEY, REFUSALS, BodyGuard, Outbound, Refusal, Timing, stream
+from gateway.forward import BodyGuard, Outbound, Refusal, Timing, stream
 from gateway.inject import AuthSlot, find_token, key_forms, upstream_headers, upstream_query
-from gateway.middleware import SERVICE
-from gateway.quota import Limit
-from gateway.selection import UsableKey, allowed
+from gateway.limits import Admitted, BudgetExceeded, Plan, RateLimited, nano
+from gateway.middleware import REDIS_DOWN, SERVICE
+from gateway.quota import Lease, Limit, lease_s
+from gateway.selection import LOCAL_STRATEGIES, UsableKey, allowed, arrange
 from gateway.services import RESERVED_SLUGS, Service
+from gateway.signals import Signal, Verdict
 from gateway.usage import USAGE, UsageRecord
 
 log = structlog.get_logger(__name__)
 
 UNKNOWN_SERVICE: Final = "unknown"
 SESSION_HEADER: Final = "X-Wallet-Session"  # see selection.Stickiness
+# Concurrency slots (metadata.maxConcurrency) the request holds: released when it is over.
+LEASES: Final = web.RequestKey("wallet_leases", list[Lease])
+RATE_HEADERS: Final = web.RequestKey("wallet_rate_headers", dict[str, str])
 # A body up to this size is read before forwarding, so that it can go to another key.
 FAILOVER_BODY_BYTES: Final = 1024 * 1024
 
@@ -113,6 +120,12 @@ class Trace:
     caller: Caller | None = None
     key_id: str | None = None
     fallbacks: int = 0
+    costs: CostModel | None = None
+    admitted: Admitted | None = None  # by the client limits: its hold is settled at the end
+    meter: Meter | None = None  # the last attempt's answer, for a token-priced cost
+
+
+TRACE: Final = web.RequestKey("wallet_trace", Trace)
 
 
 async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
@@ -128,6 +141,9 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
         query = parse_qsl(inbound.query, keep_blank_values=True)
         caller = await app[CALLERS].authenticate(find_token(inbound.headers, query, slot), label)
         trace.caller = caller
+        trace.costs = costs.model_of(service.slug, service.cost_model)
+        request[TRACE] = trace
+        trace.admitted = await admit(request, label, caller, trace.costs)
         if inbound.stream_body and wsrelay.is_upgrade(request):
             key, _ = await pick_key(request, service, caller)
             trace.key_id = key.id
@@ -138,11 +154,74 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
     except WalletError as exc:
         count(request, label, exc.status)
         if label != UNKNOWN_SERVICE:
-            record(request, inbound, label, exc.status, started, timing, trace)
+            settle(request, trace, label, exc.status)
+            record(request, inbound, label, exc.status, started, timing, trace, Decimal(0))
         raise
+    except BaseException:  # cancelled (client gone) or unexpected: give the hold back
+        settle(request, trace, label, 599)
+        raise
+    finally:
+        release_leases(request)  # the upstream exchange is over, however it ended
     account(request, label, response, started, timing)
-    record(request, inbound, label, response.status, started, timing, trace)
+    cost = settle(request, trace, label, response.status)
+    record(request, inbound, label, response.status, started, timing, trace, cost)
     return response
+
+
+async def admit(
+    request: web.Request, service: str, caller: Caller, model: CostModel | None
+) -> Admitted | None:
+    """The client limits (gateway/limits.py): the token's rate limit and the budgets its
+    request draws on, in one Redis script call; nothing to check, no call. While Redis is
+    down a rate limit alone fails open (RATE_LIMITS_FAIL_OPEN) and a budget fails closed."""
+    app = request.app
+    limits = app[LIMITS]
+    rate = limits.rate_limit(caller.tier, caller.rate_limit)
+    budgeted = model is not None and (caller.token_budget or caller.user_budget) is not None
+    if rate is None and not budgeted:
+        return None
+    plan = Plan(
+        caller.owner_id,
+        caller.token_id,
+        rate,
+        model.hold if model is not None else Decimal(0),
+        caller.token_budget if budgeted else None,
+        caller.user_budget if budgeted else None,
+    )
+    try:
+        admitted = await limits.admit(plan)
+    except (RateLimited, BudgetExceeded):
+        app[METRICS].client_limited.inc({"service": service})
+        raise
+    except REDIS_DOWN:
+        if budgeted or not app[SETTINGS].rate_limits_fail_open:
+            raise
+        log.warning("rate_limit_skipped_redis_down", service=service)
+        return None
+    request[RATE_HEADERS] = admitted.headers
+    return admitted
+
+
+def settle(request: web.Request, trace: Trace, service: str, status: int) -> Decimal:
+    """The request's cost by its service's cost model (nothing for an error status), counted
+    in metrics, and its budget hold corrected to it in the background."""
+    model = trace.costs
+    cost = Decimal(0)
+    if model is not None:
+        cost = model.cost(status, trace.meter.usage() if trace.meter is not None else None)
+        if cost:
+            request.app[METRICS].cost.add({"service": service}, float(cost))
+    admitted, trace.admitted = trace.admitted, None  # settled once
+    if admitted is not None and admitted.spend_keys and nano(cost) != admitted.charged:
+        tasks.spawn(request.app, "settle-budget", _settle(request.app, admitted, cost))
+    return cost
+
+
+async def _settle(app: web.Application, admitted: Admitted, cost: Decimal) -> None:
+    try:
+        await app[LIMITS].settle(admitted, cost)
+    except REDIS_DOWN as exc:
+        log.warning("budget_settle_failed", error=type(exc).__name__)
 
 
 def record(
@@ -153,6 +232,7 @@ def record(
     started: float,
     timing: Timing,
     trace: Trace,
+    cost: Decimal,
 ) -> None:
     """One usage record per request for a known service (an append to the writer's buffer)."""
     caller = trace.caller
@@ -168,7 +248,7 @@ def record(
             latency_ms=round((asyncio.get_running_loop().time() - started) * 1000, 3),
             bytes_in=bytes_in,
             bytes_out=timing.bytes_out,
-            cost=Decimal(0),
+            cost=cost,
             fallbacks=trace.fallbacks,
         )
     )
@@ -198,10 +278,11 @@ async def _with_failover(
     timing: Timing,
     trace: Trace,
 ) -> web.StreamResponse:
-    """Try the best key; when its upstream refuses it (429: rate or quota; 401: not valid)
-    before any byte has gone to the client, bench it and try the next, as long as the body
-    can be sent again. The answer says which key served it and how many were refused first.
-    A key the caller has no alternative to is benched too, and its refusal relayed."""
+    """Try the best key; when its upstream refuses it (rate, quota, invalid, or denied: see
+    gateway/signals.py) before any byte has gone to the client, bench it and try the next, as
+    long as the body can be sent again. The answer says which key served it and how many were
+    refused first. A key the caller has no alternative to is benched too, and its refusal
+    relayed."""
     app = request.app
     tried: set[str] = set()
     while True:
@@ -213,29 +294,42 @@ async def _with_failover(
         refusable = alternatives and not inbound.stream_body
         result = await stream(request, outbound, guard, timing, refusable)
         if isinstance(result, Refusal):
-            await _refused(request, service, key, result.status, result.retry_after_s)
+            release_leases(request, key.id)  # its slot, before trying the next key
+            await _refused(request, service, key, result.status, result.verdict)
             tried.add(key.id)
             app[METRICS].fallbacks.inc({"service": service.slug})
             continue
-        if result.status in REFUSALS:  # relayed as is (no other key), but the key is benched
-            await _refused(request, service, key, result.status, retry_after_s(result.headers))
+        if timing.verdict.benches:  # relayed as is (no other key), but the key is benched
+            await _refused(request, service, key, result.status, timing.verdict)
         app[PRESSURE].note(key.id, result.headers)
         return result
 
 
 async def _refused(
-    request: web.Request, service: Service, key: UsableKey, status: int, seconds: float
+    request: web.Request, service: Service, key: UsableKey, status: int, verdict: Verdict
 ) -> None:
-    """A 429 rests the key for `seconds`; a 401 rests it too (at once, everywhere) and marks
-    it invalid in the database in the background, which takes it out of every key pool."""
+    """Rate or quota rests the key (signals.rest_s: as the upstream asked, else until its
+    quota window ends, else a default); invalid rests it too (at once, everywhere) and marks
+    it invalid in the database in the background, which takes it out of every key pool.
+    Denied leaves it be: it may serve other calls."""
+    if not verdict.benches:
+        log.info("key_denied", service=service.slug, key_id=key.id, upstream_status=status)
+        return
     app = request.app
-    if status == INVALID_KEY:
+    seconds = signals.rest_s(verdict, key.period if key.quota is not None else None)
+    reason = verdict.signal.value
+    if verdict.signal is Signal.INVALID_KEY:
         log.warning("key_rejected_as_invalid", service=service.slug, key_id=key.id)
-        seconds = DEFAULT_S
         tasks.spawn(app, "mark-key-invalid", _mark_invalid(app, key.id, status))
     else:
-        log.info("key_cooling_down", service=service.slug, key_id=key.id, seconds=round(seconds, 3))
-    app[METRICS].cooldowns.inc({"service": service.slug})
+        log.info(
+            "key_cooling_down",
+            service=service.slug,
+            key_id=key.id,
+            reason=reason,
+            seconds=round(seconds, 3),
+        )
+    app[METRICS].cooldowns.inc({"service": service.slug, "reason": reason})
     await app[COOLDOWNS].rest(key.id, seconds)
 
 
@@ -261,22 +355,51 @@ async def pick_key(
     if not usable:
         waits = [rest for rest in resting if rest]
         raise KeysResting(service.slug, math.ceil(min(waits)) if waits else 1)
-    pressure = app[PRESSURE]
-    usable.sort(key=lambda k: pressure.low(k.id))  # nearly out upstream: after the others
     session = request.headers.get(SESSION_HEADER)
     sticky = app[STICKY]
-    usable = sticky.prefer(session, caller.token_id, service.slug, usable)
-    if usable[0].quota is None:  # nothing to count: no Redis round trip
+    pinned = sticky.key_for(session, caller.token_id, service.slug)
+    # A key nearly out upstream goes after the others; the session's key first.
+    plan = arrange(usable, service.strategy, app[PRESSURE].low, pinned=pinned)
+    first = plan.keys[0]
+    if (
+        service.strategy in LOCAL_STRATEGIES
+        and first.quota is None
+        and first.max_concurrency is None
+    ):  # nothing to count, cap or rotate: no Redis round trip
         index = 0
     else:
-        limits = [Limit(k.id, k.quota, k.period) for k in usable]
-        reservation = await app[QUOTAS].reserve(service.slug, limits)
+        limits = [
+            Limit(k.id, k.quota, k.period, k.max_concurrency, group)
+            for k, group in zip(plan.keys, plan.groups, strict=True)
+        ]
+        reservation = await app[QUOTAS].reserve(
+            service.slug,
+            limits,
+            strategy=service.strategy,
+            lease_seconds=lease_s(app[SETTINGS].upstream_total_timeout_s),
+        )
         if reservation.index is None:
+            if reservation.busy:
+                raise KeysBusy(service.slug)
             raise QuotaExhausted(service.slug, reservation.retry_after_s)
         index = reservation.index
-    key = usable[index]
+        if reservation.lease is not None:
+            request.setdefault(LEASES, []).append(reservation.lease)
+    key = plan.keys[index]
     sticky.remember(session, caller.token_id, service.slug, key.id)
-    return key, index < len(usable) - 1
+    return key, index < len(plan.keys) - 1
+
+
+def release_leases(request: web.Request, key_id: str | None = None) -> None:
+    """Give back the concurrency slots the request holds (only `key_id`'s, when given), in
+    the background: not on the latency path; a lost release frees itself at lease expiry."""
+    held = request.get(LEASES)
+    if not held:
+        return
+    done = [lease for lease in held if key_id is None or lease.key_id == key_id]
+    request[LEASES] = [lease for lease in held if lease not in done]
+    if done:
+        tasks.spawn(request.app, "release-leases", request.app[QUOTAS].release(done))
 
 
 def build_outbound(
@@ -300,6 +423,12 @@ def build_outbound(
             raise PayloadTooLarge(f"request body over {limit} bytes")
         guard = BodyGuard(request, limit, settings.client_idle_timeout_s)
         body = guard.chunks()
+    extra = {"X-Wallet-Key-Id": key.id, "X-Wallet-Fallbacks": str(fallbacks)}
+    extra.update(request.get(RATE_HEADERS, ()))
+    meter = None
+    trace = request.get(TRACE)
+    if trace is not None and trace.costs is not None and trace.costs.metered:
+        meter = trace.meter = Meter()
     outbound = Outbound(
         service=service.slug,
         method=inbound.method,
@@ -308,7 +437,8 @@ def build_outbound(
         body=body,
         key=key.secret,
         forms=key.forms or key_forms(key.secret.reveal()),
-        extra_headers={"X-Wallet-Key-Id": key.id, "X-Wallet-Fallbacks": str(fallbacks)},
+        extra_headers=extra,
+        meter=meter,
     )
     return outbound, guard
 

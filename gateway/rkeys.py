@@ -36,3 +36,28 @@ def quota_counter(service: str, key_id: str, window_id: str) -> str:
     """Requests counted against one key in one quota window. The service's keys share a hash
     tag: one reservation script reads and charges several of them."""
     return f"{PREFIX}:{{quota:{service}}}:{key_id}:{window_id}"
+
+
+def rate_counter(owner_id: str, token_id: str, window_id: str) -> str:
+    """Requests one token made in one rate-limit window. A user's counters (rate and spend)
+    share a hash tag: one admission script reads and charges them together."""
+    return f"{PREFIX}:{{caller:{owner_id}}}:rate:{token_id}:{window_id}"
+
+
+def spend_counter(owner_id: str, whose: str, token_id: str, window_id: str) -> str:
+    """Amount (nano-units) spent in one budget window by a token (`whose` = token) or by
+    its owner across all their tokens (`whose` = user)."""
+    subject = token_id if whose == "token" else "all"
+    return f"{PREFIX}:{{caller:{owner_id}}}:spend:{whose}:{subject}:{window_id}"
+
+
+def in_flight(service: str, key_id: str) -> str:
+    """A key's requests in flight (a sorted set: lease id scored by its expiry in ms), for
+    `metadata.maxConcurrency`. Same hash tag as the quota counters: the reservation script
+    checks and takes a slot in the same call."""
+    return f"{PREFIX}:{{quota:{service}}}:inflight:{key_id}"
+
+
+def rotation(service: str) -> str:
+    """`round_robin` services: when each key was last served (a hash: key id -> turn)."""
+    return f"{PREFIX}:{{quota:{service}}}:turns"

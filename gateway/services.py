@@ -1,4 +1,5 @@
-"""The service catalog: which upstream each slug reaches and where its key goes."""
+"""The service catalog: which upstream each slug reaches, where its key goes, how its keys
+share the traffic (`strategy`) and what a call costs (`cost_model`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from yarl import URL
 from gateway import audit
 from gateway.db import Connection, Record, unique_is_conflict
 from gateway.errors import Conflict, UnknownService, ValidationFailed
+from gateway.selection import STRATEGIES, Strategy
 
 AuthType = Literal["bearer", "basic", "header", "query"]
 AUTH_TYPES: Final = get_args(AuthType)
@@ -37,6 +39,8 @@ class Service:
     auth_name: str | None
     hosts: tuple[str, ...]
     builtin: bool = False
+    strategy: Strategy = "priority"  # within keys of the same tier and priority
+    cost_model: dict[str, Any] | None = None  # see gateway.costs
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -46,6 +50,8 @@ class Service:
             "auth": {"type": self.auth_type, "name": self.auth_name},
             "hosts": list(self.hosts),
             "builtin": self.builtin,
+            "strategy": self.strategy,
+            "cost_model": self.cost_model,
         }
 
 
@@ -77,18 +83,20 @@ BUILTINS: Final = (
 )
 
 LIST: Final = """
-SELECT slug, name, base_url, auth_type, auth_name, hosts, builtin FROM services
-ORDER BY builtin DESC, slug LIMIT $1 OFFSET $2"""
+SELECT slug, name, base_url, auth_type, auth_name, hosts, builtin, strategy, cost_model
+FROM services ORDER BY builtin DESC, slug LIMIT $1 OFFSET $2"""
 COUNT: Final = "SELECT count(*) FROM services"
 GET: Final = """
-SELECT slug, name, base_url, auth_type, auth_name, hosts, builtin FROM services WHERE slug = $1"""
+SELECT slug, name, base_url, auth_type, auth_name, hosts, builtin, strategy, cost_model
+FROM services WHERE slug = $1"""
 GET_FOR_UPDATE: Final = GET + " FOR UPDATE"
 INSERT: Final = """
-INSERT INTO services (slug, name, base_url, auth_type, auth_name, hosts, builtin)
-VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (slug) DO NOTHING RETURNING slug"""
+INSERT INTO services (slug, name, base_url, auth_type, auth_name, hosts, builtin, strategy,
+                      cost_model)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (slug) DO NOTHING RETURNING slug"""
 UPDATE: Final = """
 UPDATE services SET name = $2, base_url = $3, auth_type = $4, auth_name = $5, hosts = $6,
-                    updated_at = now()
+                    strategy = $7, cost_model = $8, updated_at = now()
 WHERE slug = $1"""
 DELETE: Final = "DELETE FROM services WHERE slug = $1"
 KEYS_USING: Final = "SELECT count(*) FROM api_keys WHERE service = $1"
@@ -103,6 +111,8 @@ def _from_row(row: Record) -> Service:
         row["auth_name"],
         tuple(row["hosts"]),
         row["builtin"],
+        row["strategy"],
+        row["cost_model"],
     )
 
 
@@ -163,6 +173,12 @@ def validate_hosts(value: object) -> tuple[str, ...]:
     return hosts
 
 
+def validate_strategy(value: object) -> Strategy:
+    if value not in STRATEGIES:
+        raise ValidationFailed("strategy", f"must be one of {', '.join(STRATEGIES)}")
+    return cast(Strategy, value)
+
+
 def validate_slug(value: object) -> str:
     if not isinstance(value, str) or not SLUG.fullmatch(value) or value in RESERVED_SLUGS:
         raise ValidationFailed(
@@ -195,6 +211,8 @@ async def create_service(conn: Connection, actor: audit.Actor, service: Service)
                 service.auth_name,
                 list(service.hosts),
                 False,
+                service.strategy,
+                service.cost_model,
             )
         if slug is None:
             raise Conflict(f"service {service.slug!r} exists")
@@ -204,7 +222,7 @@ async def create_service(conn: Connection, actor: audit.Actor, service: Service)
             "service.create",
             "service",
             service.slug,
-            {"base_url": service.base_url, "auth": service.auth_type},
+            {"base_url": service.base_url, "auth": service.auth_type, "strategy": service.strategy},
         )
     return replace(service, builtin=False)
 
@@ -225,6 +243,8 @@ async def update_service(
             updated.auth_type,
             updated.auth_name,
             list(updated.hosts),
+            updated.strategy,
+            updated.cost_model,
         )
         await audit.append(
             conn, actor, "service.update", "service", slug, {"changed": sorted(changes)}
@@ -249,7 +269,16 @@ async def seed(conn: Connection, actor: audit.Actor) -> list[str]:
     async with conn.transaction():
         for s in BUILTINS:
             if await conn.fetchval(
-                INSERT, s.slug, s.name, s.base_url, s.auth_type, s.auth_name, list(s.hosts), True
+                INSERT,
+                s.slug,
+                s.name,
+                s.base_url,
+                s.auth_type,
+                s.auth_name,
+                list(s.hosts),
+                True,
+                s.strategy,
+                s.cost_model,
             ):
                 added.append(s.slug)
         if added:

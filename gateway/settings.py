@@ -89,6 +89,18 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "Enforce client rate limits (login throttling is always on).",
     ),
     Setting(
+        "RATE_LIMIT_TIERS",
+        "free=600,pro=6000,admin=0",
+        "Requests per minute per wallet token, by its owner's tier (`tier=N`, comma-separated; "
+        "0: unlimited). A user's tier is set with `PUT /users/{id}`.",
+    ),
+    Setting(
+        "RATE_LIMITS_FAIL_OPEN",
+        "true",
+        "While Redis is unreachable, serve requests without counting client rate limits "
+        "(`false`: refuse them with 503). Quotas and budgets always fail closed.",
+    ),
+    Setting(
         "DEFAULT_FREE_QUOTA",
         "1000",
         "Quota of a free-tier key without `metadata.quota` "
@@ -125,6 +137,7 @@ _TRUE: Final = frozenset({"true", "1", "yes"})
 _FALSE: Final = frozenset({"false", "0", "no"})
 _DURATION: Final = re.compile(r"^(\d+)\s*([smhd]?)$")
 _UNIT_S: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_TIER: Final = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 
 
@@ -143,6 +156,10 @@ class Settings:
     admin_password: Secret[str] | None = None
     enable_metrics: bool = True
     enable_rate_limiting: bool = True
+    rate_limit_tiers: Mapping[str, int] = field(
+        default_factory=lambda: {"free": 600, "pro": 6000, "admin": 0}
+    )
+    rate_limits_fail_open: bool = True
     default_free_quota: int = 1000
     allow_insecure_upstreams: bool = False
     max_body_bytes: int = 1 << 20
@@ -182,6 +199,8 @@ class Settings:
             admin_password=_secret_or_none(admin_password),
             enable_metrics=get.boolean("ENABLE_METRICS"),
             enable_rate_limiting=get.boolean("ENABLE_RATE_LIMITING"),
+            rate_limit_tiers=get.tiers("RATE_LIMIT_TIERS"),
+            rate_limits_fail_open=get.boolean("RATE_LIMITS_FAIL_OPEN"),
             default_free_quota=get.integer("DEFAULT_FREE_QUOTA", minimum=0),
             allow_insecure_upstreams=get.boolean("ALLOW_INSECURE_UPSTREAMS"),
             max_body_bytes=get.integer("MAX_BODY_BYTES", minimum=1024),
@@ -242,6 +261,20 @@ class _Reader:
         if match is None or int(match[1]) == 0:
             raise SettingsError(f"{name} must be a positive duration like 3600, 15m, 1h or 7d")
         return int(match[1]) * _UNIT_S[match[2]]
+
+    def tiers(self, name: str) -> dict[str, int]:
+        """`free=600,pro=6000,admin=0`: requests per minute by tier name (0: unlimited)."""
+        tiers: dict[str, int] = {}
+        for part in self._required(name).split(","):
+            tier, sep, limit = part.strip().partition("=")
+            tier, limit = tier.strip().lower(), limit.strip()
+            if not sep or not _TIER.match(tier) or not limit.isdigit() or tier in tiers:
+                raise SettingsError(
+                    f"{name} must be comma-separated tier=requests_per_minute pairs, "
+                    "e.g. free=600,pro=6000,admin=0"
+                )
+            tiers[tier] = int(limit)
+        return tiers
 
     def choice(self, name: str, allowed: tuple[str, ...]) -> str:
         value = self._required(name).lower()

@@ -18,26 +18,32 @@ from gateway import audit
 from gateway.db import Connection, Record, one
 from gateway.errors import NotFound, ValidationFailed
 from gateway.ids import parse_id
+from gateway.limits import Budget, budget_from_db
 from gateway.secret import Secret
 
 PREFIX: Final = "AIzaWT_"
 TOKEN_BYTES: Final = 32
 MAX_NAME: Final = 200
 
-GET: Final = """SELECT id, owner_id, name, services, hint, created_at, expires_at, revoked_at
-FROM tokens WHERE id = $1 AND ($2::uuid IS NULL OR owner_id = $2)"""
-LIST: Final = """SELECT id, owner_id, name, services, hint, created_at, expires_at, revoked_at
-FROM tokens WHERE ($1::uuid IS NULL OR owner_id = $1)
+GET: Final = """SELECT id, owner_id, name, services, hint, created_at, expires_at, revoked_at,
+budget, rate_limit FROM tokens WHERE id = $1 AND ($2::uuid IS NULL OR owner_id = $2)"""
+LIST: Final = """SELECT id, owner_id, name, services, hint, created_at, expires_at, revoked_at,
+budget, rate_limit FROM tokens WHERE ($1::uuid IS NULL OR owner_id = $1)
 ORDER BY created_at DESC LIMIT $2 OFFSET $3"""
 COUNT: Final = "SELECT count(*) FROM tokens WHERE ($1::uuid IS NULL OR owner_id = $1)"
-INSERT: Final = """INSERT INTO tokens (id, owner_id, name, services, token_hash, hint, expires_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
-RETURNING id, owner_id, name, services, hint, created_at, expires_at, revoked_at"""
+INSERT: Final = """INSERT INTO tokens (id, owner_id, name, services, token_hash, hint, expires_at,
+budget, rate_limit) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+RETURNING id, owner_id, name, services, hint, created_at, expires_at, revoked_at, budget,
+rate_limit"""
+UPDATE: Final = """UPDATE tokens SET name = $3, budget = $4, rate_limit = $5
+WHERE id = $1 AND ($2::uuid IS NULL OR owner_id = $2)
+RETURNING id, owner_id, name, services, hint, created_at, expires_at, revoked_at, budget,
+rate_limit"""
 REVOKE: Final = """UPDATE tokens SET revoked_at = coalesce(revoked_at, now())
 WHERE id = $1 AND ($2::uuid IS NULL OR owner_id = $2) RETURNING id"""
 BY_HASH: Final = """SELECT t.id, t.owner_id, t.name, t.services, t.hint, t.created_at,
-t.expires_at, t.revoked_at, u.role, u.enabled FROM tokens t JOIN users u ON u.id = t.owner_id
-WHERE t.token_hash = $1"""
+t.expires_at, t.revoked_at, t.budget, t.rate_limit, u.role, u.enabled
+FROM tokens t JOIN users u ON u.id = t.owner_id WHERE t.token_hash = $1"""
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class TokenRecord:
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
+    budget: Budget | None = None
+    rate_limit: int | None = None  # requests per minute; None: the owner's tier decides
 
     def usable(self, now: datetime) -> bool:
         return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
@@ -64,6 +72,8 @@ class TokenRecord:
             "created_at": self.created_at.isoformat(),
             "expires_at": self.expires_at.isoformat() if self.expires_at else None,
             "revoked_at": self.revoked_at.isoformat() if self.revoked_at else None,
+            "budget": self.budget.to_json() if self.budget else None,
+            "rate_limit": self.rate_limit,
         }
 
 
@@ -77,6 +87,8 @@ def _from_row(row: Record) -> TokenRecord:
         row["created_at"],
         row["expires_at"],
         row["revoked_at"],
+        budget_from_db(row["budget"]),
+        row["rate_limit"],
     )
 
 
@@ -132,6 +144,8 @@ async def create_token(
     name: str,
     services: list[str],
     expires_at: datetime | None,
+    budget: Budget | None = None,
+    rate_limit: int | None = None,
 ) -> tuple[TokenRecord, Secret[str]]:
     token = generate()
     async with conn.transaction():
@@ -144,6 +158,8 @@ async def create_token(
             token_hash(token),
             hint(token),
             expires_at,
+            budget.to_json() if budget else None,
+            rate_limit,
         )
         record = _from_row(one(row))
         await audit.append(
@@ -152,9 +168,44 @@ async def create_token(
             "token.create",
             "token",
             record.id,
-            {"name": name, "services": services, "owner_id": owner_id},
+            {
+                "name": name,
+                "services": services,
+                "owner_id": owner_id,
+                "budget": budget.to_json() if budget else None,
+                "rate_limit": rate_limit,
+            },
         )
     return record, token
+
+
+async def update_token(
+    conn: Connection,
+    actor: audit.Actor,
+    owner_id: str | None,
+    token_id: str,
+    changes: dict[str, Any],
+) -> TokenRecord:
+    """Change a token's name, budget or rate limit (`changes` holds validated values)."""
+    owner = uuid.UUID(owner_id) if owner_id else None
+    async with conn.transaction():
+        row = await conn.fetchrow(GET + " FOR UPDATE", parse_id(token_id, "token"), owner)
+        if row is None:
+            raise NotFound("no such token")
+        before = _from_row(row)
+        budget = changes.get("budget", before.budget)
+        row = await conn.fetchrow(
+            UPDATE,
+            uuid.UUID(before.id),
+            owner,
+            changes.get("name", before.name),
+            budget.to_json() if budget else None,
+            changes.get("rate_limit", before.rate_limit),
+        )
+        after = _from_row(one(row))
+        details = {k: (v.to_json() if isinstance(v, Budget) else v) for k, v in changes.items()}
+        await audit.append(conn, actor, "token.update", "token", after.id, details)
+    return after
 
 
 async def list_tokens(

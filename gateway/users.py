@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Literal, cast
@@ -16,6 +17,7 @@ from gateway import audit
 from gateway.db import Connection, Record, one, unique_is_conflict
 from gateway.errors import Conflict, NotFound, ValidationFailed
 from gateway.ids import new_id, parse_id
+from gateway.limits import Budget, budget_from_db
 from gateway.secret import Secret
 
 Role = Literal["USER", "ADMIN"]
@@ -26,18 +28,19 @@ _HASHER: Final = PasswordHasher()
 # Verified against when the user does not exist, so timing does not reveal usernames.
 _DUMMY_HASH: Final = _HASHER.hash("not-a-real-password")
 
-GET: Final = """SELECT id, username, role, enabled, password_changed_at, created_at, updated_at
-FROM users WHERE id = $1"""
+GET: Final = """SELECT id, username, role, enabled, password_changed_at, created_at, updated_at,
+tier, budget FROM users WHERE id = $1"""
 GET_FOR_UPDATE: Final = GET + " FOR UPDATE"
 GET_LOGIN: Final = """SELECT id, username, role, enabled, password_changed_at, created_at,
-       updated_at, password_hash FROM users WHERE lower(username) = lower($1)"""
-LIST: Final = """SELECT id, username, role, enabled, password_changed_at, created_at, updated_at
-FROM users ORDER BY created_at, username LIMIT $1 OFFSET $2"""
+updated_at, tier, budget, password_hash FROM users WHERE lower(username) = lower($1)"""
+LIST: Final = """SELECT id, username, role, enabled, password_changed_at, created_at, updated_at,
+tier, budget FROM users ORDER BY created_at, username LIMIT $1 OFFSET $2"""
 COUNT: Final = "SELECT count(*) FROM users"
 INSERT: Final = """INSERT INTO users (id, username, password_hash, role) VALUES ($1, $2, $3, $4)
-RETURNING id, username, role, enabled, password_changed_at, created_at, updated_at"""
-UPDATE: Final = """UPDATE users SET role = $2, enabled = $3, updated_at = now() WHERE id = $1
-RETURNING id, username, role, enabled, password_changed_at, created_at, updated_at"""
+RETURNING id, username, role, enabled, password_changed_at, created_at, updated_at, tier, budget"""
+UPDATE: Final = """UPDATE users SET role = $2, enabled = $3, tier = $4, budget = $5,
+updated_at = now() WHERE id = $1
+RETURNING id, username, role, enabled, password_changed_at, created_at, updated_at, tier, budget"""
 UPDATE_HASH: Final = """UPDATE users SET password_hash = $2, password_changed_at = now(),
 updated_at = now() WHERE id = $1"""
 DELETE: Final = "DELETE FROM users WHERE id = $1"
@@ -55,10 +58,16 @@ class User:
     password_changed_at: datetime
     created_at: datetime
     updated_at: datetime
+    tier: str | None = None  # None: by role (see `rate_tier`)
+    budget: Budget | None = None
 
     @property
     def is_admin(self) -> bool:
         return self.role == "ADMIN"
+
+    @property
+    def rate_tier(self) -> str:
+        return self.tier or default_tier(self.role)
 
     def actor(self, source: str) -> audit.Actor:
         return audit.Actor(self.id, self.username, source)
@@ -69,6 +78,8 @@ class User:
             "username": self.username,
             "role": self.role,
             "enabled": self.enabled,
+            "tier": self.rate_tier,
+            "budget": self.budget.to_json() if self.budget else None,
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
         }
@@ -83,7 +94,23 @@ def _from_row(row: Record) -> User:
         row["password_changed_at"],
         row["created_at"],
         row["updated_at"],
+        row["tier"],
+        budget_from_db(row["budget"]),
     )
+
+
+def default_tier(role: str) -> str:
+    return "admin" if role == "ADMIN" else "free"
+
+
+def validate_tier(value: object, known: Iterable[str]) -> str | None:
+    """A rate-limit tier named in RATE_LIMIT_TIERS, or null for the role's default."""
+    names = sorted(known)
+    if value is None:
+        return None
+    if not isinstance(value, str) or value not in names:
+        raise ValidationFailed("tier", f"must be one of {', '.join(names)} or null")
+    return value
 
 
 def validate_username(value: object) -> str:
@@ -154,8 +181,22 @@ async def create_user(
     return user
 
 
+class Unchanged:
+    """A field the update leaves as it is (None means "set to null" for nullable fields)."""
+
+
+UNCHANGED: Final = Unchanged()
+
+
 async def update_user(
-    conn: Connection, actor: audit.Actor, user_id: str, *, role: Role | None, enabled: bool | None
+    conn: Connection,
+    actor: audit.Actor,
+    user_id: str,
+    *,
+    role: Role | None,
+    enabled: bool | None,
+    tier: str | Unchanged | None = UNCHANGED,
+    budget: Budget | Unchanged | None = UNCHANGED,
 ) -> User:
     uid = parse_id(user_id, "user")
     async with conn.transaction():
@@ -171,8 +212,27 @@ async def update_user(
         )
         if loses_admin:
             await _refuse_last_admin(conn)
-        after = _from_row(one(await conn.fetchrow(UPDATE, uid, new_role, new_enabled)))
-        changes = {k: v for k, v in (("role", role), ("enabled", enabled)) if v is not None}
+        new_tier = before.tier if isinstance(tier, Unchanged) else tier
+        new_budget = before.budget if isinstance(budget, Unchanged) else budget
+        after = _from_row(
+            one(
+                await conn.fetchrow(
+                    UPDATE,
+                    uid,
+                    new_role,
+                    new_enabled,
+                    new_tier,
+                    new_budget.to_json() if new_budget else None,
+                )
+            )
+        )
+        changes: dict[str, Any] = {
+            k: v for k, v in (("role", role), ("enabled", enabled)) if v is not None
+        }
+        if not isinstance(tier, Unchanged):
+            changes["tier"] = tier
+        if not isinstance(budget, Unchanged):
+            changes["budget"] = budget.to_json() if budget else None
         await audit.append(conn, actor, "user.update", "user", after.id, changes)
     return after
 

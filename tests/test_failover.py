@@ -122,7 +122,9 @@ async def test_a_refused_key_fails_over_with_the_body_and_then_rests(
     assert [key for key, _ in setup.upstream.seen[2:]] == [PAID_KEY]
     labels = '{app="gateway",service="openai"}'
     assert await metric(gateway_client, f"wallet_fallbacks_total{labels}") == "1"
-    assert await metric(gateway_client, f"wallet_cooldowns_total{labels}") == "1"
+    # Cooldowns also say why (rate, quota, invalid): see gateway/signals.py.
+    rested = 'wallet_cooldowns_total{app="gateway",reason="rate",service="openai"}'
+    assert await metric(gateway_client, rested) == "1"
 
 
 async def test_when_every_key_is_refused_the_last_429_is_relayed_then_the_wallet_answers(

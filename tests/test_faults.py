@@ -141,3 +141,70 @@ async def test_redis_outage_fails_quotas_closed_and_recovers_without_a_restart(
     assert len(upstreams["openai"].seen) == 2
     health = await (await gateway.get("/monitoring/health")).json()
     assert health["checks"]["redis"] == "ok"
+
+
+@pytest.mark.parametrize("fail_open", [True, False])
+async def test_redis_outage_rate_limits_fail_open_by_choice_and_budgets_closed(
+    admin_client: TestClient[Any, Any],
+    as_admin: dict[str, str],
+    as_alice: dict[str, str],
+    aiohttp_server: Any,
+    aiohttp_client: Any,
+    settings: Settings,
+    private_redis: PrivateRedis,
+    fail_open: bool,
+) -> None:
+    upstream = FakeUpstream(WEATHER_KEY, "query:appid")
+    server = await aiohttp_server(upstream.app())
+    resp = await admin_client.put(
+        "/services/openweather",
+        headers=as_admin,
+        json={"base_url": f"http://127.0.0.1:{server.port}", "cost_model": {"per_call": "0.01"}},
+    )
+    assert resp.status == 200, await resp.text()
+    resp = await admin_client.post(
+        "/keys",
+        headers=as_alice,
+        json={"key": WEATHER_KEY, "service": "openweather", "tier": "paid"},
+    )
+    assert resp.status == 201, await resp.text()
+    tokens = []
+    for fields in ({}, {"budget": {"amount": "5", "period": "daily"}}):
+        resp = await admin_client.post(
+            "/tokens", headers=as_alice, json={"name": "f", "services": ["openweather"], **fields}
+        )
+        tokens.append((await resp.json())["token"])
+    limited, budgeted = ({"X-Wallet-Token": token} for token in tokens)
+    gateway: TestClient[Any, Any] = await aiohttp_client(
+        create_gateway_app(
+            with_settings(
+                settings, redis_url=Secret(private_redis.url), rate_limits_fail_open=fail_open
+            )
+        )
+    )
+    path = "/openweather/data/2.5/weather"
+    for auth in (limited, budgeted):
+        resp = await gateway.get(path, headers=auth)
+        assert resp.status == 200
+        assert resp.headers["RateLimit-Limit"] == "600"  # alice's tier: free
+
+    private_redis.stop()
+    resp = await gateway.get(path, headers=limited)
+    if fail_open:
+        assert resp.status == 200  # served without counting
+        assert "RateLimit-Limit" not in resp.headers
+    else:
+        assert resp.status == 503
+        assert (await resp.json())["error"]["code"] == "redis_unavailable"
+    resp = await gateway.get(path, headers=budgeted)  # a budget is never spent blindly
+    assert resp.status == 503
+    assert len(upstream.seen) == 2 + fail_open
+
+    private_redis.start()
+    for _ in range(50):
+        resp = await gateway.get(path, headers=budgeted)
+        if resp.status == 200:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail(f"the gateway did not recover after Redis came back: {resp.status}")

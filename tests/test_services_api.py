@@ -240,6 +240,8 @@ async def test_create_custom_service_with_header_auth(
         "auth": {"type": "header", "name": "X-Acme-Key"},
         "hosts": ["api.acme.test"],
         "builtin": False,
+        "strategy": "priority",
+        "cost_model": None,
     }
     assert await service(admin_client, as_alice, "acme") == created
     resp = await admin_client.get("/services", headers=as_alice)
