@@ -47,17 +47,16 @@ QUOTA_READ_TIMEOUT_S: Final = 2.0
 FILTERS: Final = frozenset({"from", "to", "service", "key", "user"})
 OVERVIEW_PARAMS: Final = FILTERS | {"limit"}
 USAGE_PARAMS: Final = FILTERS | {"granularity"}
+ZERO: Final[dict[str, Any]] = {"requests": 0, "errors": 0, "fallbacks": 0, "cost": Decimal(0)}
 
 # $1 from, $2 to (excluded), then each filter when not null: $3 service, $4 key, $5 user.
 WHERE: Final = """hour >= $1 AND hour < $2 AND ($3::text IS NULL OR service = $3)
   AND ($4::uuid IS NULL OR key_id = $4) AND ($5::uuid IS NULL OR user_id = $5)"""
 SUMS: Final = """sum(requests)::bigint AS requests, sum(errors)::bigint AS errors,
   sum(fallbacks)::bigint AS fallbacks, sum(cost) AS cost FROM usage_hourly WHERE """
-# Per service and per key of each service in one pass over the rows (`per_key` tells which).
-OVERVIEW: Final = (
-    "SELECT service, key_id, grouping(key_id) = 0 AS per_key, " + SUMS + WHERE
-    + " GROUP BY GROUPING SETS ((service), (service, key_id))"
-)  # fmt: skip
+# Per key of each service (the nil key: refused before a key was chosen); the services and
+# the totals are added up from these few rows (one aggregate, which PostgreSQL runs parallel).
+OVERVIEW: Final = "SELECT service, key_id, " + SUMS + WHERE + " GROUP BY service, key_id"
 # Days by date_bin (integer arithmetic: date_trunc in a time zone costs more per row); months
 # are summed from the days.
 DAYS: Final = (
@@ -241,6 +240,25 @@ def _key_entries(
     return entries, limits
 
 
+def _per_service(rows: list[Record]) -> list[dict[str, Any]]:
+    tally: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        sums = tally.setdefault(row["service"], {"service": row["service"], **ZERO})
+        for name in ("requests", "errors", "fallbacks", "cost"):
+            sums[name] += row[name] or 0
+    return sorted(tally.values(), key=lambda s: (-s["requests"], s["service"]))
+
+
+def _with_quotas(
+    entries: list[dict[str, Any]], readings: list[QuotaReading | None]
+) -> list[dict[str, Any]]:
+    for entry, reading in zip(entries, readings, strict=True):
+        entry["quota_used"] = None if reading is None else reading.used
+        entry["quota_left"] = None if reading is None else reading.left
+        entry["resets_at"] = None if reading is None else reading.resets_at.isoformat()
+    return entries
+
+
 async def overview(request: web.Request) -> web.Response:
     user = await authenticated(request)
     scope = scope_of(request, user, OVERVIEW_PARAMS, "hour")
@@ -250,40 +268,25 @@ async def overview(request: web.Request) -> web.Response:
     if not scope.nothing:
         async with request.app[POOL].acquire() as conn:
             sums, keys = await _overview_rows(conn, scope)
-    by_service = [row for row in sums if not row["per_key"]]
-    by_key = [row for row in sums if row["per_key"]]
-    services = sorted(
-        ({"service": row["service"], **_sums(row)} for row in by_service),
-        key=lambda s: (-s["requests"], s["service"]),
-    )
+    services = _per_service(sums)
+    totals = {name: sum((s[name] for s in services), ZERO[name]) for name in ZERO}
     entries, limits = _key_entries(
-        by_key, keys, request.app[SETTINGS].default_free_quota, user.is_admin
+        sums, keys, request.app[SETTINGS].default_free_quota, user.is_admin
     )
     order = sorted(
         range(len(entries)), key=lambda i: (-entries[i]["requests"], entries[i]["key_id"])
     )
     order = order[:top]
     state, readings = await _quota_readings(request, [limits[i] for i in order])
-    top_keys = []
-    for i, reading in zip(order, readings, strict=True):
-        entry = entries[i]
-        entry["quota_used"] = None if reading is None else reading.used
-        entry["quota_left"] = None if reading is None else reading.left
-        entry["resets_at"] = None if reading is None else reading.resets_at.isoformat()
-        top_keys.append(entry)
-    totals = {
-        "requests": sum(s["requests"] for s in services),
-        "errors": sum(s["errors"] for s in services),
-        "fallbacks": sum(s["fallbacks"] for s in services),
-        "cost": money(sum((row["cost"] or Decimal(0) for row in by_service), Decimal(0))),
-    }
+    for tally in (totals, *services):
+        tally["cost"] = money(tally["cost"])
     return web.json_response(
         {
             "from": scope.start.isoformat(),
             "to": scope.end.isoformat(),
             "totals": totals,
             "by_service": services,
-            "by_key": top_keys,
+            "by_key": _with_quotas([entries[i] for i in order], readings),
             "quota_state": state,
         }
     )

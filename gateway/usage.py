@@ -92,7 +92,9 @@ def _rollup(batch: Sequence[UsageRecord]) -> list[tuple[object, ...]]:
         row[1] += r.status >= ERROR_STATUS
         row[2] += r.fallbacks
         row[3] += r.cost
-    return [(*group, *row) for group, row in totals.items()]
+    # In key order: two writers upserting overlapping rows lock them in the same order, so
+    # they wait for each other instead of deadlocking.
+    return [(*group, *totals[group]) for group in sorted(totals)]
 
 
 class UsageWriter:
