@@ -156,7 +156,10 @@ def scope_of(request: web.Request, user: User, allowed: frozenset[str], granular
     now = datetime.now(UTC)
     end = parse_time("to", query["to"]) if query.get("to") else now
     span = DEFAULT_SPAN[granularity] if "granularity" in allowed else OVERVIEW_SPAN
-    start = parse_time("from", query["from"]) if query.get("from") else end - span
+    try:
+        start = parse_time("from", query["from"]) if query.get("from") else end - span
+    except OverflowError:
+        raise _bad("to", "is too early") from None
     if start > end:
         raise _bad("from", "must not be after `to`")
     service = query.get("service") or None

@@ -26,6 +26,7 @@ from gateway.errors import ValidationFailed
 MAX_AMOUNT: Final = Decimal("1000000")
 MAX_MODELS: Final = 200
 MAX_MODEL_CHARS: Final = 128
+PLACES: Final = 9  # nano-units: budgets are counted in integers of 1e-9
 
 
 def money(amount: Decimal) -> str:
@@ -34,16 +35,21 @@ def money(amount: Decimal) -> str:
     return text if text != "-0" else "0"
 
 
-def _amount(field: str, value: object) -> Decimal:
+def amount(field: str, value: object, maximum: Decimal = MAX_AMOUNT) -> Decimal:
+    """A money amount from JSON (a decimal string or a number): 0 to `maximum`, at most
+    PLACES decimal places (the precision amounts are stored and counted with)."""
+    message = 'must be a decimal amount such as "0.002"'
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ValidationFailed(field, 'must be a decimal amount such as "0.002"')
+        raise ValidationFailed(field, message)
     try:
-        amount = Decimal(str(value))
+        parsed = Decimal(str(value).strip())
     except InvalidOperation:
-        raise ValidationFailed(field, 'must be a decimal amount such as "0.002"') from None
-    if not amount.is_finite() or amount < 0 or amount > MAX_AMOUNT:
-        raise ValidationFailed(field, f"must be between 0 and {MAX_AMOUNT}")
-    return amount
+        raise ValidationFailed(field, message) from None
+    if not parsed.is_finite() or not 0 <= parsed <= maximum:
+        raise ValidationFailed(field, f"must be between 0 and {money(maximum)}")
+    if parsed and parsed.normalize().as_tuple().exponent < -PLACES:  # type: ignore[operator]
+        raise ValidationFailed(field, f"must have at most {PLACES} decimal places")
+    return parsed
 
 
 def validate_cost_model(value: object) -> dict[str, Any] | None:
@@ -57,7 +63,7 @@ def validate_cost_model(value: object) -> dict[str, Any] | None:
         raise ValidationFailed("cost_model", f"unknown field {sorted(unknown)[0]!r}")
     model: dict[str, Any] = {}
     if "per_call" in value:
-        model["per_call"] = money(_amount("cost_model.per_call", value["per_call"]))
+        model["per_call"] = money(amount("cost_model.per_call", value["per_call"]))
     tokens = value.get("per_million_tokens")
     if tokens is not None:
         if not isinstance(tokens, dict) or len(tokens) > MAX_MODELS:
@@ -73,12 +79,12 @@ def validate_cost_model(value: object) -> dict[str, Any] | None:
             if not isinstance(price, dict) or set(price) - {"input", "output"}:
                 raise ValidationFailed(field, 'must be {"input": amount, "output": amount}')
             prices[name] = {
-                part: money(_amount(f"{field}.{part}", price.get(part, 0)))
+                part: money(amount(f"{field}.{part}", price.get(part, 0)))
                 for part in ("input", "output")
             }
         model["per_million_tokens"] = prices
     if "hold" in value:
-        model["hold"] = money(_amount("cost_model.hold", value["hold"]))
+        model["hold"] = money(amount("cost_model.hold", value["hold"]))
     return model or None
 
 
@@ -116,7 +122,7 @@ class Meter:
         ends = [*starts[1:], len(tail)]
         # The last usage that carries counts (a streamed answer's earlier events say `null`);
         # its counts sit within its first USAGE_BYTES (details objects nest inside it).
-        for start, end in reversed(list(zip(starts, ends, strict=True))):
+        for start, end in reversed(list(zip(starts, ends[: len(starts)], strict=True))):
             block = tail[start : min(end, start + USAGE_BYTES)]
             tokens_in, tokens_out = INPUT.search(block), OUTPUT.search(block)
             if tokens_in is None and tokens_out is None:
@@ -175,9 +181,13 @@ class CostModel:
             return self.per_million_tokens[max(prefixes, key=len)]
         return self.per_million_tokens.get(ANY_MODEL)
 
-    def cost(self, status: int, usage: Usage | None) -> Decimal:
-        if status >= SUCCESS_BELOW:
-            return Decimal(0)
+    @property
+    def unknown(self) -> Decimal:
+        """What a token-priced answer that reports no `usage` is taken to cost: its hold."""
+        return max(self.hold, self.per_call)
+
+    def cost(self, usage: Usage | None) -> Decimal:
+        """What a successful answer costs."""
         total = self.per_call
         if usage is not None:
             prices = self.prices(usage.model)

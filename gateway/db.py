@@ -28,8 +28,12 @@ DB_ERRORS: Final = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     # Class 57: shutting down (a fast shutdown ends running queries with AdminShutdownError),
-    # starting up (CannotConnectNowError), or a query cancelled by the server.
-    asyncpg.OperatorInterventionError,
+    # crashed, starting up, or an idle session closed. Not a query the server cancelled (a
+    # statement timeout): that one would fail the same way again.
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.IdleSessionTimeoutError,
     asyncpg.TooManyConnectionsError,
     asyncpg.InterfaceError,
 )

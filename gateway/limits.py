@@ -1,8 +1,9 @@
 """Client limits: rate limits per wallet token (by its owner's tier) and budgets per token and
 per user, both checked in Redis in one script call before a request goes anywhere.
 
-- Rate limit: requests per UTC minute per token; the token's own `rate_limit`, else its
-  owner's tier in RATE_LIMIT_TIERS (0: unlimited). Every request counts, refused ones too.
+- Rate limit: requests per UTC minute, by the owner's tier in RATE_LIMIT_TIERS (counted
+  over all their tokens together, so more tokens do not mean more requests) or by a token's
+  own `rate_limit` (counted for that token alone); 0: unlimited. Refused requests count too.
 - Budgets: an amount per period (`daily`, `monthly`, also `minute`, `hour`) on a token, on a
   user, or both. A request is charged its service's hold (see gateway/costs.py) when it is
   admitted, and settled to its real cost when it is over, so concurrent requests can never
@@ -17,11 +18,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Final, NamedTuple
 
 from gateway import rkeys
-from gateway.costs import money
+from gateway.costs import amount, money
 from gateway.errors import TooManyRequests, ValidationFailed
 from gateway.hotredis import HotRedis, HotScript
 from gateway.quota import GRACE_MS, window
@@ -95,21 +96,11 @@ def validate_budget(value: object, field: str = "budget") -> Budget | None:
         return None
     if not isinstance(value, dict) or set(value) - {"amount", "period"}:
         raise ValidationFailed(field, 'must be {"amount": "10.00", "period": "monthly"} or null')
-    raw = value.get("amount")
-    try:
-        if isinstance(raw, bool) or not isinstance(raw, (str, int, float)):
-            raise InvalidOperation
-        amount = Decimal(str(raw))
-    except InvalidOperation:
-        raise ValidationFailed(
-            f"{field}.amount", 'must be a decimal amount such as "10.00"'
-        ) from None
-    if not amount.is_finite() or not 0 <= amount <= MAX_BUDGET:
-        raise ValidationFailed(f"{field}.amount", f"must be between 0 and {MAX_BUDGET}")
+    limit = amount(f"{field}.amount", value.get("amount"), MAX_BUDGET)
     period = BUDGET_PERIODS.get(str(value.get("period", "monthly")))
     if period is None:
         raise ValidationFailed(f"{field}.period", "must be minute, hour, daily or monthly")
-    return Budget(amount, period)
+    return Budget(limit, period)
 
 
 def budget_from_db(value: Mapping[str, Any] | None) -> Budget | None:
@@ -137,7 +128,7 @@ class RateLimited(TooManyRequests):
 
     def __init__(self, limit: int, retry_after_s: int) -> None:
         super().__init__(
-            f"this token may make {limit} requests per minute; retry after the minute ends",
+            f"{limit} requests per minute are allowed; retry after the minute ends",
             retry_after_s,
         )
         self.headers.update(rate_headers(limit, 0, retry_after_s))
@@ -171,6 +162,7 @@ class Plan:
     owner_id: str
     token_id: str
     rate_limit: int | None
+    token_rate: bool  # the token's own limit, counted for it alone (else the owner's tier)
     hold: Decimal
     token_budget: Budget | None
     user_budget: Budget | None
@@ -213,7 +205,8 @@ class Limits:
         now = now or datetime.now(UTC)
         owner, token = plan.owner_id, plan.token_id
         rate_ttl, rate_reset = _ttl_ms(RATE_PERIOD, now)
-        keys = [rkeys.rate_counter(owner, token, window(RATE_PERIOD, now).id)]
+        scope = token if plan.token_rate else None  # a tier counts all the owner's tokens
+        keys = [rkeys.rate_counter(owner, scope, window(RATE_PERIOD, now).id)]
         args: list[str | int] = [
             NONE if plan.rate_limit is None else plan.rate_limit,
             rate_ttl,

@@ -147,20 +147,26 @@ class QuotaReading:
 async def read_quotas(
     redis: Redis, limits: Sequence[tuple[str, Limit]], now: datetime
 ) -> list[QuotaReading | None]:
-    """The current window of each (service, limit), in one MGET; None for a key without a
-    quota (or with a period the gateway does not know)."""
-    wanted: list[tuple[int, str, int, datetime]] = []
+    """The current window of each (service, limit), one MGET per service (a service's
+    counters share a hash tag, so this works on Redis Cluster too, in one pipeline); None for
+    a key without a quota (or with a period the gateway does not know)."""
+    by_service: dict[str, list[tuple[int, str, int, datetime]]] = {}
     for i, (service, limit) in enumerate(limits):
         if limit.quota is None or limit.period not in PERIODS.values():
             continue
         w = window(limit.period, now)
-        wanted.append((i, rkeys.quota_counter(service, limit.key_id, w.id), limit.quota, w.end))
+        name = rkeys.quota_counter(service, limit.key_id, w.id)
+        by_service.setdefault(service, []).append((i, name, limit.quota, w.end))
     readings: list[QuotaReading | None] = [None] * len(limits)
-    if wanted:
-        counts = await redis.mget([name for _, name, _, _ in wanted])
-        for (i, _, quota, end), count in zip(wanted, counts, strict=True):
-            used = int(count or 0)
-            readings[i] = QuotaReading(used, max(quota - used, 0), end)
+    if by_service:
+        async with redis.pipeline(transaction=False) as pipe:
+            for wanted in by_service.values():
+                pipe.mget([name for _, name, _, _ in wanted])
+            replies = await pipe.execute()
+        for wanted, counts in zip(by_service.values(), replies, strict=True):
+            for (i, _, quota, end), count in zip(wanted, counts, strict=True):
+                used = int(count or 0)
+                readings[i] = QuotaReading(used, max(quota - used, 0), end)
     return readings
 
 

@@ -49,7 +49,7 @@ from gateway.forward import BodyGuard, Outbound, Refusal, Timing, stream
 from gateway.inject import AuthSlot, find_token, key_forms, upstream_headers, upstream_query
 from gateway.limits import Admitted, BudgetExceeded, Plan, RateLimited, nano
 from gateway.middleware import REDIS_DOWN, SERVICE
-from gateway.quota import Lease, Limit, lease_s
+from gateway.quota import Lease, Limit, Quotas, lease_s, new_lease_id
 from gateway.selection import LOCAL_STRATEGIES, UsableKey, allowed, arrange
 from gateway.services import RESERVED_SLUGS, Service
 from gateway.signals import Signal, Verdict
@@ -62,6 +62,9 @@ SESSION_HEADER: Final = "X-Wallet-Session"  # see selection.Stickiness
 # Concurrency slots (metadata.maxConcurrency) the request holds: released when it is over.
 LEASES: Final = web.RequestKey("wallet_leases", list[Lease])
 RATE_HEADERS: Final = web.RequestKey("wallet_rate_headers", dict[str, str])
+# The window counter the request's key reservation charged (given back if refused).
+CHARGED: Final = web.RequestKey("wallet_charged", str)
+CLIENT_GONE: Final = 499  # the status recorded for a request its client abandoned (nginx's)
 # A body up to this size is read before forwarding, so that it can go to another key.
 FAILOVER_BODY_BYTES: Final = 1024 * 1024
 
@@ -143,57 +146,65 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
         trace.caller = caller
         trace.costs = costs.model_of(service.slug, service.cost_model)
         request[TRACE] = trace
-        trace.admitted = await admit(request, label, caller, trace.costs)
+        plan = admission(request, caller, trace.costs)
         if inbound.stream_body and wsrelay.is_upgrade(request):
-            key, _ = await pick_key(request, service, caller)
+            key, _ = await first_pick(request, service, caller, trace, plan)
             trace.key_id = key.id
             outbound, _ = build_outbound(request, inbound, service, slot, key)
             response = await wsrelay.relay(request, outbound, timing)
         else:
-            response = await _with_failover(request, inbound, service, slot, caller, timing, trace)
+            response = await _with_failover(
+                request, inbound, service, slot, caller, timing, trace, plan
+            )
     except WalletError as exc:
         count(request, label, exc.status)
         if label != UNKNOWN_SERVICE:
-            settle(request, trace, label, exc.status)
+            settle(request, trace, label, exc.status, timing)
             record(request, inbound, label, exc.status, started, timing, trace, Decimal(0))
         raise
-    except BaseException:  # cancelled (client gone) or unexpected: give the hold back
-        settle(request, trace, label, 599)
+    except BaseException:  # the client went away (the handler is cancelled), or a bug
+        if label != UNKNOWN_SERVICE:
+            count(request, label, CLIENT_GONE)
+            cost = settle(request, trace, label, CLIENT_GONE, timing)
+            record(request, inbound, label, CLIENT_GONE, started, timing, trace, cost)
         raise
     finally:
         release_leases(request)  # the upstream exchange is over, however it ended
     account(request, label, response, started, timing)
-    cost = settle(request, trace, label, response.status)
+    cost = settle(request, trace, label, response.status, timing)
     record(request, inbound, label, response.status, started, timing, trace, cost)
     return response
 
 
-async def admit(
-    request: web.Request, service: str, caller: Caller, model: CostModel | None
-) -> Admitted | None:
-    """The client limits (gateway/limits.py): the token's rate limit and the budgets its
-    request draws on, in one Redis script call; nothing to check, no call. While Redis is
-    down a rate limit alone fails open (RATE_LIMITS_FAIL_OPEN) and a budget fails closed."""
-    app = request.app
-    limits = app[LIMITS]
-    rate = limits.rate_limit(caller.tier, caller.rate_limit)
+def admission(request: web.Request, caller: Caller, model: CostModel | None) -> Plan | None:
+    """What the client limits (gateway/limits.py) must check for this request: the token's
+    rate limit and the budgets it draws on; None when there is nothing to check."""
+    rate = request.app[LIMITS].rate_limit(caller.tier, caller.rate_limit)
     budgeted = model is not None and (caller.token_budget or caller.user_budget) is not None
     if rate is None and not budgeted:
         return None
-    plan = Plan(
+    return Plan(
         caller.owner_id,
         caller.token_id,
         rate,
+        caller.rate_limit is not None,
         model.hold if model is not None else Decimal(0),
         caller.token_budget if budgeted else None,
         caller.user_budget if budgeted else None,
     )
+
+
+async def admit(request: web.Request, service: str, plan: Plan) -> Admitted | None:
+    """One Redis script call. While Redis is down a rate limit alone fails open
+    (RATE_LIMITS_FAIL_OPEN) and a budget fails closed."""
+    app = request.app
     try:
-        admitted = await limits.admit(plan)
+        admitted = await app[LIMITS].admit(plan)
     except (RateLimited, BudgetExceeded):
         app[METRICS].client_limited.inc({"service": service})
         raise
     except REDIS_DOWN:
+        budgeted = plan.token_budget is not None or plan.user_budget is not None
         if budgeted or not app[SETTINGS].rate_limits_fail_open:
             raise
         log.warning("rate_limit_skipped_redis_down", service=service)
@@ -202,13 +213,55 @@ async def admit(
     return admitted
 
 
-def settle(request: web.Request, trace: Trace, service: str, status: int) -> Decimal:
-    """The request's cost by its service's cost model (nothing for an error status), counted
-    in metrics, and its budget hold corrected to it in the background."""
+async def first_pick(
+    request: web.Request,
+    service: Service,
+    caller: Caller,
+    trace: Trace,
+    plan: Plan | None,
+) -> tuple[UsableKey, bool]:
+    """The client limits' check and the first key's reservation, sent together: one Redis
+    round trip for both. Whichever refuses, the other's charge is given back (a key's quota
+    charge, a budget's hold), so a refused request spends nothing."""
+    if plan is None:
+        return await pick_key(request, service, caller)
+    admitted, picked = await asyncio.gather(
+        admit(request, service.slug, plan), pick_key(request, service, caller),
+        return_exceptions=True,
+    )  # fmt: skip
+    if isinstance(admitted, BaseException):
+        counter = request.get(CHARGED)
+        if counter is not None and not isinstance(picked, BaseException):
+            tasks.spawn(request.app, "refund-quota", _refund(request.app, counter))
+        raise admitted
+    trace.admitted = admitted  # settled when the request ends, however it ends
+    if isinstance(picked, BaseException):
+        raise picked
+    return picked
+
+
+async def _refund(app: web.Application, counter: str) -> None:
+    try:
+        await app[QUOTAS].refund(counter)
+    except REDIS_DOWN as exc:
+        log.warning("quota_refund_failed", error=type(exc).__name__)
+
+
+def settle(
+    request: web.Request, trace: Trace, service: str, status: int, timing: Timing
+) -> Decimal:
+    """The request's cost by its service's cost model, counted in metrics, and its budget
+    hold corrected to it in the background. Nothing when the upstream was not called or
+    answered with an error; the hold when what it cost cannot be known: a token-priced answer
+    without `usage`, or a client that went away after the upstream was called."""
     model = trace.costs
     cost = Decimal(0)
-    if model is not None:
-        cost = model.cost(status, trace.meter.usage() if trace.meter is not None else None)
+    if model is not None and timing.upstream_started:
+        if status == CLIENT_GONE:
+            cost = model.hold
+        elif status < costs.SUCCESS_BELOW:
+            usage = trace.meter.usage() if trace.meter is not None else None
+            cost = model.cost(usage) if usage or not model.metered else model.unknown
         if cost:
             request.app[METRICS].cost.add({"service": service}, float(cost))
     admitted, trace.admitted = trace.admitted, None  # settled once
@@ -277,6 +330,7 @@ async def _with_failover(
     caller: Caller,
     timing: Timing,
     trace: Trace,
+    plan: Plan | None,
 ) -> web.StreamResponse:
     """Try the best key; when its upstream refuses it (rate, quota, invalid, or denied: see
     gateway/signals.py) before any byte has gone to the client, bench it and try the next, as
@@ -286,7 +340,10 @@ async def _with_failover(
     app = request.app
     tried: set[str] = set()
     while True:
-        key, alternatives = await pick_key(request, service, caller, tried)
+        if tried:
+            key, alternatives = await pick_key(request, service, caller, tried)
+        else:
+            key, alternatives = await first_pick(request, service, caller, trace, plan)
         trace.key_id, trace.fallbacks = key.id, len(tried)
         if alternatives and inbound.stream_body:  # worth keeping the body for a second try
             inbound = await _replayable(request, inbound)
@@ -372,19 +429,29 @@ async def pick_key(
             Limit(k.id, k.quota, k.period, k.max_concurrency, group)
             for k, group in zip(plan.keys, plan.groups, strict=True)
         ]
+        lease_id = new_lease_id()
+        # Held before the call: a request cancelled while the reply is on its way still
+        # gives back whatever slot the script took (see Quotas.provisional).
+        provisional = Quotas.provisional(service.slug, limits, lease_id)
+        held = request.setdefault(LEASES, [])
+        held += provisional
         reservation = await app[QUOTAS].reserve(
             service.slug,
             limits,
             strategy=service.strategy,
             lease_seconds=lease_s(app[SETTINGS].upstream_total_timeout_s),
+            lease_id=lease_id,
         )
+        request[LEASES] = held = [lease for lease in held if lease not in provisional]
+        if reservation.counter is not None:
+            request[CHARGED] = reservation.counter
+        if reservation.lease is not None:
+            held.append(reservation.lease)
         if reservation.index is None:
             if reservation.busy:
                 raise KeysBusy(service.slug)
             raise QuotaExhausted(service.slug, reservation.retry_after_s)
         index = reservation.index
-        if reservation.lease is not None:
-            request.setdefault(LEASES, []).append(reservation.lease)
     key = plan.keys[index]
     sticky.remember(session, caller.token_id, service.slug, key.id)
     return key, index < len(plan.keys) - 1

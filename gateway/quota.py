@@ -47,6 +47,11 @@ CHOICES: Final[dict[str, Choice]] = {
 }
 PER_CANDIDATE: Final = 5  # ARGV values per candidate, see RESERVE
 
+REFUND: Final = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end
+return 0
+"""
+
 RESERVE: Final = """
 -- KEYS[i]: candidate i's window counter; KEYS[n+i]: its leases (sorted set, member: lease id,
 -- score: expiry in ms); KEYS[2n+1]: the service's turns (hash, key id -> turn last served).
@@ -149,6 +154,10 @@ class Limit:
     group: int = 0
 
 
+def new_lease_id() -> str:
+    return secrets.token_hex(8)
+
+
 @dataclass(frozen=True)
 class Lease:
     """One of a key's concurrency slots, held by one request until released or expired."""
@@ -165,6 +174,7 @@ class Reservation:
     retry_after_s: int  # when none could: seconds until the earliest window ends (busy: 1)
     busy: bool = False  # none could, and some were only at their concurrency cap
     lease: Lease | None = None  # the slot taken on a key with a cap
+    counter: str | None = None  # the window counter charged, to give the request back
 
 
 def lease_s(upstream_total_timeout_s: int) -> int:
@@ -176,6 +186,7 @@ class Quotas:
     def __init__(self, client: HotRedis) -> None:
         self._client = client
         self._script = HotScript(client, RESERVE)
+        self._refund = HotScript(client, REFUND)
 
     async def reserve(
         self,
@@ -185,6 +196,7 @@ class Quotas:
         *,
         strategy: str = "priority",
         lease_seconds: int = LEASE_MARGIN_S,
+        lease_id: str | None = None,
     ) -> Reservation:
         """Charge one of `limits` (best first, by group) with quota and a free slot left, as
         the service's `strategy` chooses within a group; one Redis round trip."""
@@ -196,7 +208,7 @@ class Quotas:
             *(rkeys.in_flight(service, lim.key_id) for lim in limits),
             rkeys.rotation(service),
         ]
-        lease_id = secrets.token_hex(8)
+        lease_id = lease_id or new_lease_id()
         args: list[str | int] = [CHOICES.get(strategy, "first"), lease_id, lease_seconds * 1000]
         for lim, w in zip(limits, windows, strict=True):
             args += [
@@ -219,11 +231,28 @@ class Quotas:
             slots = keys[len(limits) + chosen]
             capped = limits[chosen].max_concurrency is not None
             lease = Lease(limits[chosen].key_id, slots, lease_id) if capped else None
-            return Reservation(chosen, int(used), 0, lease=lease)
+            return Reservation(chosen, int(used), 0, lease=lease, counter=keys[chosen])
         if busy:
             return Reservation(None, 0, 1, busy=True)
         earliest = min(w.end for w in windows)
         return Reservation(None, 0, max(1, int((earliest - now).total_seconds() + 0.999)))
+
+    async def refund(self, counter: str) -> None:
+        """Give back a request charged to a window counter (its request went nowhere): one
+        less, unless the window has ended and the counter expired meanwhile."""
+        await self._refund(keys=[counter], args=[])
+
+    @staticmethod
+    def provisional(service: str, limits: Sequence[Limit], lease_id: str) -> list[Lease]:
+        """The leases a reservation with `lease_id` may take: held by the request before the
+        call, so that a request cancelled while the reply is on its way still gives its slot
+        back (removing a lease that was never taken is harmless, and comes after the script
+        on the same connection)."""
+        return [
+            Lease(lim.key_id, rkeys.in_flight(service, lim.key_id), lease_id)
+            for lim in limits
+            if lim.max_concurrency is not None
+        ]
 
     async def release(self, leases: Sequence[Lease]) -> None:
         """Give slots back. A slot that can't be given back (Redis down) frees itself when its

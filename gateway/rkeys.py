@@ -38,10 +38,11 @@ def quota_counter(service: str, key_id: str, window_id: str) -> str:
     return f"{PREFIX}:{{quota:{service}}}:{key_id}:{window_id}"
 
 
-def rate_counter(owner_id: str, token_id: str, window_id: str) -> str:
-    """Requests one token made in one rate-limit window. A user's counters (rate and spend)
-    share a hash tag: one admission script reads and charges them together."""
-    return f"{PREFIX}:{{caller:{owner_id}}}:rate:{token_id}:{window_id}"
+def rate_counter(owner_id: str, token_id: str | None, window_id: str) -> str:
+    """Requests in one rate-limit window: by one token with a limit of its own, else by all
+    of a user's tokens (their tier's limit). A user's counters (rate and spend) share a hash
+    tag: one admission script reads and charges them together."""
+    return f"{PREFIX}:{{caller:{owner_id}}}:rate:{token_id or 'user'}:{window_id}"
 
 
 def spend_counter(owner_id: str, whose: str, token_id: str, window_id: str) -> str:

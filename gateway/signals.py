@@ -116,15 +116,17 @@ PROVIDERS: Final[Mapping[str, Provider]] = {
         rules=(
             # The account is out of credit (both `type` and `code` say so).
             Rule(Signal.QUOTA_EXHAUSTED, status=429, code="insufficient_quota"),
-            # The client's own OpenAI-Organization/-Project header does not match the key:
-            # not the key's fault, and a client must not be able to get keys marked invalid.
-            Rule(Signal.NOT_THE_KEYS_FAULT, status=401, code="mismatched_organization"),
-            Rule(Signal.NOT_THE_KEYS_FAULT, status=401, code="mismatched_project"),
+            # A 401 is the key's fault only when it says the key is wrong. Others (a client's
+            # own OpenAI-Organization/-Project header that does not match the key, an unknown
+            # organization) are not: a client must not be able to get keys marked invalid.
+            # An answer that cannot be read falls back to the status (401: invalid).
+            Rule(Signal.INVALID_KEY, status=401, code="invalid_api_key"),
+            Rule(Signal.NOT_THE_KEYS_FAULT, status=401, says_invalid=False),
             # 403 (e.g. `unsupported_country_region_territory`, about the caller's address)
             # is invalid only when the answer says the key is.
             Rule(Signal.INVALID_KEY, status=403, code="invalid_api_key"),
             Rule(Signal.INVALID_KEY, status=403, says_invalid=True),
-            # 429 `rate_limit_exceeded` and 401 `invalid_api_key`: the common rules.
+            # 429 `rate_limit_exceeded`: the common rule.
         ),
         read_statuses=frozenset({401, 403, 429}),
     ),
@@ -147,7 +149,6 @@ PROVIDERS: Final[Mapping[str, Provider]] = {
             Rule(Signal.QUOTA_EXHAUSTED, code="OVER_DAILY_LIMIT"),
             Rule(Signal.INVALID_KEY, code="API_KEY_INVALID"),
             Rule(Signal.INVALID_KEY, code="REQUEST_DENIED", says_invalid=True),
-            Rule(Signal.INVALID_KEY, code="INVALID_ARGUMENT", says_invalid=True),
             # The key's project lacks this API, or the key's restrictions refuse this call:
             # the key serves its other APIs, so it is not rested; another key may serve this.
             Rule(Signal.DENIED, code="REQUEST_DENIED"),

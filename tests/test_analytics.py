@@ -318,7 +318,13 @@ async def test_bad_parameters_are_400_naming_the_parameter(
 
 @pytest.mark.parametrize(
     "query",
-    [{"from": "2026-04-02", "to": "2026-04-01"}, {"limit": "0"}, {"limit": "x"}, {"to": "nope"}],
+    [
+        {"from": "2026-04-02", "to": "2026-04-01"},
+        {"limit": "0"},
+        {"limit": "x"},
+        {"to": "nope"},
+        {"to": "0001-01-01T00:00:00Z"},
+    ],
 )
 async def test_bad_overview_parameters_are_400(
     admin_client: TestClient[Any, Any], as_admin: dict[str, str], query: dict[str, str]

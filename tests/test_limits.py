@@ -11,11 +11,14 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
+from admin.cli import make_runner
 from gateway import rkeys
 from gateway.app import create_app as create_gateway_app
 from gateway.limits import nano
@@ -129,8 +132,13 @@ async def test_the_tier_comes_from_the_user_and_a_token_may_override_it(
     resp = await admin_client.put(f"/users/{world.user_id}", headers=as_admin, json={"tier": "pro"})
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["tier"] == "pro"
+    resp = await admin_client.post(
+        "/tokens", headers=as_alice, json={"name": "second", "services": ["openai"]}
+    )
+    second = (await resp.json())["token"]
     gateways = await two_gateways(aiohttp_client, with_settings(settings, rate_limit_tiers=TIERS))
-    results = await burst(gateways, s.token, 12)
+    results = await burst(gateways, s.token, 6) + await burst(gateways, second, 6)
+    # the tier's 8 a minute count over all of alice's tokens: a second token buys nothing
     assert [status for status, _, _ in results].count(200) == 8
 
     # A USER may not raise their own token's limit; an ADMIN may set one.
@@ -382,3 +390,123 @@ async def test_the_openai_sdk_raises_its_rate_limit_error_without_retrying_a_spe
     metrics = await (await gateway_client.get("/monitoring/metrics")).text()
     # the SDK did not retry: one refusal counted
     assert 'wallet_client_limited_total{app="gateway",service="openai"} 1' in metrics
+
+
+async def test_a_token_priced_answer_without_usage_is_charged_its_hold(
+    admin_client: TestClient[Any, Any],
+    gateway_client: TestClient[Any, Any],
+    as_admin: dict[str, str],
+    aiohttp_server: Any,
+    servers: Servers,
+) -> None:
+    """What an answer without `usage` cost cannot be known: it is charged the hold, never
+    nothing (a budget could be drained for free) and never a crash; an error costs nothing."""
+    model = {"per_million_tokens": TOKEN_PRICES, "hold": "0.05"}
+    s = await setup(admin_client, as_admin, as_admin, aiohttp_server, cost_model=model)
+    auth = {"X-Wallet-Token": s.token}
+    assert (await gateway_client.get("/openai/v1/models", headers=auth)).status == 200
+    resp = await gateway_client.get("/openai/v1/events", headers=auth)  # a stream, no usage
+    assert resp.status == 200
+    assert b"data: 2" in await resp.read()
+    s.upstream.key = "sk-proj-" + "X" * 40  # now refused: an error costs nothing
+    assert (await gateway_client.get("/openai/v1/models", headers=auth)).status == 401
+    await gateway_client.app[USAGE].flush()
+    records = await rows(servers, "SELECT status, cost FROM usage_records ORDER BY id")
+    assert [(r["status"], r["cost"]) for r in records] == [
+        (200, Decimal("0.05")),
+        (200, Decimal("0.05")),
+        (401, Decimal(0)),
+    ]
+
+
+async def test_a_client_that_hangs_up_mid_stream_is_charged_its_hold(
+    admin_client: TestClient[Any, Any],
+    as_admin: dict[str, str],
+    aiohttp_server: Any,
+    settings: Settings,
+    servers: Servers,
+    redis_client: Redis,
+    world: World,
+) -> None:
+    model = {"per_million_tokens": TOKEN_PRICES, "hold": "0.05"}
+    s = await setup(
+        admin_client,
+        as_admin,
+        as_admin,
+        aiohttp_server,
+        cost_model=model,
+        budget={"amount": "1", "period": "daily"},
+    )
+    s.upstream.gate = asyncio.Event()  # the stream stops after its first event
+    app = create_gateway_app(settings)
+    runner = make_runner("gateway", app, shutdown_timeout=1)  # a hang-up cancels the handler
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with aiohttp.ClientSession() as client:
+            resp = await client.post(
+                f"http://127.0.0.1:{port}/openai/v1/chat/completions",
+                headers={"X-Wallet-Token": s.token},
+                json={"model": "gpt-4o-mini", "stream": True},
+            )
+            assert resp.status == 200
+            await resp.content.readline()  # the first event arrived: hang up
+            resp.close()
+        spent_key = rkeys.spend_counter(
+            world.admin_id, "token", s.token_id, window("daily", datetime.now(UTC)).id
+        )
+        for _ in range(200):  # the handler is cancelled once the hang-up is noticed
+            if app[USAGE].buffered:
+                break
+            await asyncio.sleep(0.01)
+        assert app[USAGE].buffered == 1
+        await app[USAGE].flush()
+    finally:
+        s.upstream.gate.set()
+        await runner.cleanup()
+    records = await rows(servers, "SELECT status, cost FROM usage_records")
+    assert [(r["status"], r["cost"]) for r in records] == [(499, Decimal("0.05"))]
+    assert int(await redis_client.get(spent_key) or 0) == nano(Decimal("0.05"))
+
+
+async def test_a_request_refused_by_a_client_limit_gives_its_key_quota_back(
+    admin_client: TestClient[Any, Any],
+    as_admin: dict[str, str],
+    as_alice: dict[str, str],
+    aiohttp_server: Any,
+    aiohttp_client: Any,
+    settings: Settings,
+    redis_client: Redis,
+) -> None:
+    """The client limits and the key's quota are checked in the same round trip; a request
+    the rate limit refuses does not keep the key's quota it was charged meanwhile."""
+    upstream = FakeUpstream(OPENAI_KEY)
+    server = await aiohttp_server(upstream.app())
+    resp = await admin_client.put(
+        "/services/openai", headers=as_admin, json={"base_url": f"http://127.0.0.1:{server.port}"}
+    )
+    assert resp.status == 200
+    key = {"key": OPENAI_KEY, "service": "openai", "tier": "free", "metadata": {"quota": 10}}
+    resp = await admin_client.post("/keys", headers=as_alice, json=key)
+    assert resp.status == 201, await resp.text()
+    resp = await admin_client.post(
+        "/tokens", headers=as_alice, json={"name": "t", "services": ["openai"]}
+    )
+    token = (await resp.json())["token"]
+    gateway = await aiohttp_client(
+        create_gateway_app(with_settings(settings, rate_limit_tiers={"free": 2}))
+    )
+    statuses = []
+    for _ in range(6):
+        resp = await gateway.get("/openai/v1/models", headers={"X-Wallet-Token": token})
+        statuses.append(resp.status)
+    assert statuses == [200, 200, 429, 429, 429, 429]
+    counters = [k async for k in redis_client.scan_iter(match="wallet:{quota:openai}:*")]
+    assert len(counters) == 1
+    for _ in range(100):  # the refunds run just after the refusals
+        if int(await redis_client.get(counters[0]) or 0) == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert int(await redis_client.get(counters[0]) or 0) == 2 == len(upstream.seen)

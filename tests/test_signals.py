@@ -180,6 +180,14 @@ CASES: Final[list[tuple[str, int, dict[str, str], bytes | None, Signal, float | 
     ("openai", 401, {}, js(OPENAI_INVALID), Signal.INVALID_KEY, None),
     ("openai", 401, {}, None, Signal.INVALID_KEY, None),
     ("openai", 401, {}, js(MISMATCHED_ORG), Signal.NOT_THE_KEYS_FAULT, None),
+    (  # a client's bogus OpenAI-Organization header: the key is not to blame
+        "openai",
+        401,
+        {},
+        js({"error": {"message": "No such organization: org-x.", "code": "invalid_organization"}}),
+        Signal.NOT_THE_KEYS_FAULT,
+        None,
+    ),
     ("openai", 403, {}, js(UNSUPPORTED_COUNTRY), Signal.NOT_THE_KEYS_FAULT, None),
     ("openai", 403, {}, None, Signal.NOT_THE_KEYS_FAULT, None),
     ("openai", 403, {}, js(OPENAI_INVALID), Signal.INVALID_KEY, None),
@@ -194,6 +202,16 @@ CASES: Final[list[tuple[str, int, dict[str, str], bytes | None, Signal, float | 
     ("openai", 500, {}, None, Signal.NOT_THE_KEYS_FAULT, None),
     # Stripe
     ("stripe", 429, {}, js(STRIPE_LOCK), Signal.NOT_THE_KEYS_FAULT, None),
+    (  # Google Cloud style: a message echoing the client's input is not proof
+        "googlemaps",
+        400,
+        {},
+        js(
+            {"error": {"status": "INVALID_ARGUMENT", "message": 'Unknown name "api key not valid"'}}
+        ),
+        Signal.NOT_THE_KEYS_FAULT,
+        None,
+    ),
     ("stripe", 429, {}, js(STRIPE_RATE), Signal.RATE_LIMITED, SHORT_REST_S),
     ("stripe", 429, {"Retry-After": "5"}, js(STRIPE_RATE), Signal.RATE_LIMITED, 5),
     ("stripe", 429, {}, None, Signal.RATE_LIMITED, SHORT_REST_S),
