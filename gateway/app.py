@@ -73,8 +73,8 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
     redis_url = app[SETTINGS].redis_url
     assert redis_url is not None, "REDIS_URL is resolved before the app starts"
     hot = HotRedis(redis_url)
-    app[QUOTAS] = Quotas(hot)
     settings = app[SETTINGS]
+    app[QUOTAS] = Quotas(hot, settings.quotas_fail_open)
     app[LIMITS] = Limits(hot, settings.rate_limit_tiers, settings.enable_rate_limiting)
     app[COOLDOWNS] = cooldowns = Cooldowns(app[REDIS])
     app[STICKY] = Stickiness()

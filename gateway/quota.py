@@ -183,8 +183,9 @@ def lease_s(upstream_total_timeout_s: int) -> int:
 
 
 class Quotas:
-    def __init__(self, client: HotRedis) -> None:
+    def __init__(self, client: HotRedis, fail_open: bool = False) -> None:
         self._client = client
+        self._fail_open = fail_open  # QUOTAS_FAIL_OPEN
         self._script = HotScript(client, RESERVE)
         self._refund = HotScript(client, REFUND)
 
@@ -221,8 +222,14 @@ class Quotas:
         try:
             index, used, busy = await self._script(keys=keys, args=args)
         except (RedisConnectionError, RedisTimeoutError):
-            if any(lim.quota is not None or lim.max_concurrency is not None for lim in limits):
-                raise  # quotas and caps fail closed
+            counted = any(
+                lim.quota is not None or lim.max_concurrency is not None for lim in limits
+            )
+            if counted and not self._fail_open:
+                raise  # quotas and caps fail closed unless QUOTAS_FAIL_OPEN
+            if counted:
+                log.warning("quota_uncounted_redis_down", service=service)
+                return Reservation(0, 0, 0)
             # Nothing to count or cap, only an order lost: serve the best key meanwhile.
             log.warning("key_rotation_unavailable", service=service)
             return Reservation(0, 0, 0)

@@ -95,10 +95,17 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "0: unlimited). A user's tier is set with `PUT /users/{id}`.",
     ),
     Setting(
+        "QUOTAS_FAIL_OPEN",
+        "false",
+        "While Redis is unreachable, serve keys with a quota or concurrency cap without "
+        "counting (`false`: 503 `redis_unavailable`, nothing spent blindly). Budgets always "
+        "fail closed.",
+    ),
+    Setting(
         "RATE_LIMITS_FAIL_OPEN",
         "true",
         "While Redis is unreachable, serve requests without counting client rate limits "
-        "(`false`: refuse them with 503). Quotas and budgets always fail closed.",
+        "(`false`: refuse them with 503). Budgets always fail closed.",
     ),
     Setting(
         "DEFAULT_FREE_QUOTA",
@@ -160,6 +167,7 @@ class Settings:
         default_factory=lambda: {"free": 600, "pro": 6000, "admin": 0}
     )
     rate_limits_fail_open: bool = True
+    quotas_fail_open: bool = False
     default_free_quota: int = 1000
     allow_insecure_upstreams: bool = False
     max_body_bytes: int = 1 << 20
@@ -201,6 +209,7 @@ class Settings:
             enable_rate_limiting=get.boolean("ENABLE_RATE_LIMITING"),
             rate_limit_tiers=get.tiers("RATE_LIMIT_TIERS"),
             rate_limits_fail_open=get.boolean("RATE_LIMITS_FAIL_OPEN"),
+            quotas_fail_open=get.boolean("QUOTAS_FAIL_OPEN"),
             default_free_quota=get.integer("DEFAULT_FREE_QUOTA", minimum=0),
             allow_insecure_upstreams=get.boolean("ALLOW_INSECURE_UPSTREAMS"),
             max_body_bytes=get.integer("MAX_BODY_BYTES", minimum=1024),

@@ -208,3 +208,35 @@ async def test_redis_outage_rate_limits_fail_open_by_choice_and_budgets_closed(
         await asyncio.sleep(0.1)
     else:
         pytest.fail(f"the gateway did not recover after Redis came back: {resp.status}")
+
+
+async def test_quotas_may_be_configured_to_fail_open(
+    admin_client: TestClient[Any, Any],
+    as_admin: dict[str, str],
+    aiohttp_server: Any,
+    aiohttp_client: Any,
+    settings: Settings,
+    private_redis: PrivateRedis,
+) -> None:
+    upstream = FakeUpstream(QUOTA_KEY)
+    server = await aiohttp_server(upstream.app())
+    resp = await admin_client.put(
+        "/services/openai", headers=as_admin, json={"base_url": f"http://127.0.0.1:{server.port}"}
+    )
+    assert resp.status == 200
+    key = {"key": QUOTA_KEY, "service": "openai", "metadata": {"quota": 5, "maxConcurrency": 3}}
+    resp = await admin_client.post("/keys", headers=as_admin, json=key)
+    assert resp.status == 201, await resp.text()
+    resp = await admin_client.post(
+        "/tokens", headers=as_admin, json={"name": "f", "services": ["openai"]}
+    )
+    auth = {"X-Wallet-Token": (await resp.json())["token"]}
+    open_settings = with_settings(
+        settings, redis_url=Secret(private_redis.url), quotas_fail_open=True
+    )
+    gateway: TestClient[Any, Any] = await aiohttp_client(create_gateway_app(open_settings))
+    assert (await gateway.get("/openai/v1/models", headers=auth)).status == 200
+    private_redis.stop()
+    for _ in range(8):  # more than the quota: nothing is counted while Redis is away
+        assert (await gateway.get("/openai/v1/models", headers=auth)).status == 200
+    assert len(upstream.seen) == 9
