@@ -20,14 +20,16 @@ from typing import Any, Final, TypeVar
 
 import structlog
 from aiohttp import web
+from redis.asyncio import Redis
 
 from admin import bootstrap, embedded, workers
 from admin.app import create_app as create_admin_app
 from admin.workers import Slot
-from gateway import audit, canary, db, logs, services
+from gateway import audit, ca, canary, db, invalidation, logs, services
 from gateway.app import create_app as create_gateway_app
 from gateway.appkeys import SIBLINGS
 from gateway.errors import WalletError
+from gateway.fwdproxy import ForwardProxySite
 from gateway.rotation import reseal_all
 from gateway.secret import Secret
 from gateway.settings import Settings, SettingsError, read_environment, read_secrets_file
@@ -198,6 +200,17 @@ async def _listen(settings: Settings, runner: web.AppRunner, name: str, slot: Sl
     for address in runner.addresses:
         if isinstance(address, tuple):
             say(f"{label} listening on http://{address[0]}:{address[1]}")
+    if name == "gateway":
+        forward_port = settings.forward_proxy_port
+        site = ForwardProxySite(runner, settings.host, forward_port, reuse_port=worker or None)
+        try:
+            await site.start()
+            say(f"{label} forward proxy on {site.name}")
+        except OSError as exc:
+            raise Fatal(
+                f"cannot listen on {settings.host}:{forward_port} ({exc.strerror}); "
+                "set FORWARD_PROXY_PORT"
+            ) from None
 
 
 def _print_welcome(settings: Settings, runners: list[web.AppRunner]) -> None:
@@ -312,6 +325,65 @@ def cmd_audit_verify(_: argparse.Namespace) -> None:
     print("audit chain intact")
 
 
+async def _unsealed_vault(conn: db.Connection, settings: Settings) -> Vault:
+    vault = Vault(settings.encryption_key, settings.encryption_keys_previous)
+    if not await canary.unseal(conn, vault):
+        raise Fatal(
+            "the vault is sealed: ENCRYPTION_KEY (and _PREVIOUS) do not match the stored keys"
+        )
+    return vault
+
+
+def cmd_ca_export(args: argparse.Namespace) -> None:
+    """The CA certificate (PEM) for clients to trust; the CA is created if there is none."""
+
+    async def work(settings: Settings) -> str:
+        async def export(conn: db.Connection) -> str:
+            await db.migrate(conn)
+            stored = await ca.active(conn)
+            if stored is None:
+                vault = await _unsealed_vault(conn, settings)
+                stored = await ca.ensure(conn, vault, audit.Actor.system("cli"))
+            return stored.cert_pem
+
+        return await _with_conn(settings, export)
+
+    pem = _one_shot(work)
+    if args.path is None:
+        sys.stdout.write(pem)
+        return
+    path = Path(args.path)
+    try:
+        path.write_text(pem)
+    except OSError as exc:
+        raise Fatal(f"cannot write {path} ({exc.strerror})") from None
+    say(f"CA certificate written to {path}: have clients trust it (SSL_CERT_FILE, ...)")
+
+
+def cmd_ca_rotate(_: argparse.Namespace) -> None:
+    """A new CA replaces the active one; running gateways load it (via Redis)."""
+
+    async def work(settings: Settings) -> str:
+        async def rotate(conn: db.Connection) -> str:
+            await db.migrate(conn)
+            vault = await _unsealed_vault(conn, settings)
+            stored = await ca.rotate(conn, vault, audit.Actor.system("cli"))
+            return stored.cert_pem
+
+        pem = await _with_conn(settings, rotate)
+        assert settings.redis_url is not None
+        redis = Redis.from_url(settings.redis_url.reveal())
+        try:
+            await invalidation.publish(redis, "ca")
+        finally:
+            await redis.aclose()
+        return pem
+
+    pem = _one_shot(work)
+    say("a new CA is active; export it (`wallet ca export PATH`) and have clients trust it")
+    sys.stdout.write(pem)
+
+
 def cmd_rotate(args: argparse.Namespace) -> None:
     settings = load_settings()
     if args.generate:
@@ -419,6 +491,14 @@ def parser() -> argparse.ArgumentParser:
         help="zero-config installs: generate the new key into secrets.env",
     )
     rotate.set_defaults(func=cmd_rotate)
+    ca_cmd = sub.add_parser("ca", help="the forward proxy's certificate authority")
+    ca_sub = ca_cmd.add_subparsers(dest="ca_command", required=True)
+    export = ca_sub.add_parser("export", help="write the CA certificate (PEM) to PATH or stdout")
+    export.add_argument("path", nargs="?", default=None, metavar="PATH")
+    export.set_defaults(func=cmd_ca_export)
+    ca_sub.add_parser(
+        "rotate", help="replace the CA (clients must trust the new one)"
+    ).set_defaults(func=cmd_ca_rotate)
     audit_cmd = sub.add_parser("audit", help="audit log tools")
     audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True)
     audit_sub.add_parser("verify", help="verify the hash chain").set_defaults(func=cmd_audit_verify)

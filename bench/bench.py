@@ -34,7 +34,7 @@ from typing import Any, Final
 import aiohttp
 
 from bench import profile, report
-from bench.loadgen import Measurement, PythonLoad, WrkLoad, find_wrk
+from bench.loadgen import Measurement, Mode, PythonLoad, WrkLoad, find_wrk
 from bench.procs import (
     BenchError,
     Processes,
@@ -46,6 +46,7 @@ from bench.procs import (
     wait_ready,
 )
 from bench.report import Scenario, Target
+from bench.tls import make_certs
 from bench.upstream import JSON_BODY, SSE_EVENTS
 from bench.wallet import UpstreamPlan, Wallet, gateway_accepts_workers
 
@@ -82,10 +83,21 @@ http {{
     scgi_temp_path {root}/scgi;
     keepalive_requests 10000000;
     map $http_authorization $bench_key_ok {{ "Bearer {key}" 1; default 0; }}
+    map $http_authorization $bench_tls_key_ok {{ "Bearer {tls_key}" 1; default 0; }}
     server {{
         listen 127.0.0.1:{port} reuseport backlog=1024;
         location / {{
             if ($bench_key_ok = 0) {{ return 401; }}
+            default_type application/json;
+            return 200 '{body}';
+        }}
+    }}
+    server {{
+        listen 127.0.0.1:{tls_port} ssl reuseport backlog=1024;
+        ssl_certificate {cert};
+        ssl_certificate_key {cert_key};
+        location / {{
+            if ($bench_tls_key_ok = 0) {{ return 401; }}
             default_type application/json;
             return 200 '{body}';
         }}
@@ -236,10 +248,15 @@ class Bench:
         wait_ready(url, self.procs.named(name), 30.0, headers)
 
     def start_upstream(self) -> tuple[UpstreamPlan, str, tuple[int, ...], tuple[int, ...]]:
-        """The fake upstream: (plan, description, pids serving JSON, pids serving SSE)."""
-        json_key, sse_key = (f"bench-{secrets.token_urlsafe(24)}" for _ in range(2))
+        """The fake upstream: (plan, description, pids serving JSON, pids serving SSE). It
+        also serves TLS (a throwaway CA), for the forward-proxy rows."""
+        json_key, sse_key, tls_json_key, tls_sse_key = (
+            f"bench-{secrets.token_urlsafe(24)}" for _ in range(4)
+        )
+        ca_file, cert, cert_key = make_certs(self.scratch)
         auth = {"Authorization": f"Bearer {json_key}"}
-        port = free_port()
+        port, tls_port = free_port(), free_port()
+        keys = [a for k in (json_key, sse_key, tls_json_key, tls_sse_key) for a in ("--key", k)]
         sse_pids = pids = self._start_many(
             "upstream",
             [
@@ -248,35 +265,62 @@ class Bench:
                 "bench.upstream",
                 "--port",
                 str(port),
-                "--key",
-                json_key,
-                "--key",
-                sse_key,
+                *keys,
+                "--tls-port",
+                str(tls_port),
+                "--cert",
+                str(cert),
+                "--cert-key",
+                str(cert_key),
             ],
             self.cores,
         )
-        aio = f"http://127.0.0.1:{port}"
+        aio, aio_tls = f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}"
         self._wait(aio + JSON_PATH, "upstream", auth)
         json_base, kind = aio, f"aiohttp, {self.cores} process(es) on one port (SO_REUSEPORT)"
+        tls_json_base = aio_tls
         nginx = shutil.which("nginx") if self.config.use_nginx else None
         why_not = "BENCH_NO_NGINX is set" if not self.config.use_nginx else "nginx is not on PATH"
         if nginx is not None:
-            json_base, nginx_pid = self._start_nginx(nginx, json_key)
+            json_base, tls_json_base, nginx_pid = self._start_nginx(
+                nginx, json_key, tls_json_key, cert, cert_key
+            )
             pids = (nginx_pid,)
             self._wait(json_base + JSON_PATH, "nginx", auth)
             kind = f"nginx ({self.cores} workers) for JSON; {kind} for SSE"
         else:
             self.notes.append(f"{why_not}: the JSON upstream is the aiohttp one (nginx is faster)")
-        return UpstreamPlan(json_base, aio + "/sse", json_key, sse_key), kind, pids, sse_pids
+        plan = UpstreamPlan(
+            json_base,
+            aio + "/sse",
+            json_key,
+            sse_key,
+            tls_json_base,
+            aio_tls + "/sse",
+            tls_json_key,
+            tls_sse_key,
+            ca_file,
+        )
+        return plan, kind + "; the same over TLS for the forward-proxy rows", pids, sse_pids
 
-    def _start_nginx(self, nginx: str, key: str) -> tuple[str, int]:
+    def _start_nginx(
+        self, nginx: str, key: str, tls_key: str, cert: Path, cert_key: Path
+    ) -> tuple[str, str, int]:
         root = self.scratch / "nginx"
         root.mkdir()
-        port = free_port()
+        port, tls_port = free_port(), free_port()
         conf = root / "nginx.conf"
         conf.write_text(
             NGINX_CONF.format(
-                workers=self.cores, root=root, key=key, port=port, body=JSON_BODY.decode()
+                workers=self.cores,
+                root=root,
+                key=key,
+                tls_key=tls_key,
+                port=port,
+                tls_port=tls_port,
+                cert=cert,
+                cert_key=cert_key,
+                body=JSON_BODY.decode(),
             )
         )
         proc = self.procs.start(
@@ -285,7 +329,7 @@ class Bench:
             cwd=root,
             log=root / "stderr.log",
         )
-        return f"http://127.0.0.1:{port}", proc.pid
+        return f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}", proc.pid
 
     def start_bare(self, plan: UpstreamPlan, workers: int) -> tuple[str, tuple[int, ...]]:
         port = free_port()
@@ -328,6 +372,7 @@ class Bench:
         self.status.milestone("configuring services, keys and a token through the admin API…")
         done = wallet.configure(plan)
         self.status.milestone("starting `wallet gateway`…")
+        wallet.trust_upstream_ca(plan.ca_file)
         gateways = {1: wallet.start_gateway(None)}
         if multi:
             self.status.milestone(f"starting `wallet gateway --workers {self.cores}`…")
@@ -349,7 +394,7 @@ class Bench:
                 sse_pids=sse_pids,
             )
         ]
-        for workers, (gw_url, gw_pid) in sorted(gateways.items()):
+        for workers, (gw_url, gw_pid, _) in sorted(gateways.items()):
             suffix = "1 worker" if workers == 1 else f"{workers} workers"
             floor = None
             if workers in bare:
@@ -376,10 +421,25 @@ class Bench:
                     floor=floor,
                 )
             )
+        _, gw_pid, forward_port = gateways[1]
+        wallet_ca = self.scratch / "wallet-ca.pem"
+        wallet.export_ca(wallet_ca)
+        self.targets.append(
+            Target(
+                "forward-1",
+                "gateway forward proxy (1 worker)",
+                f"https://{done.tls_json_host}{JSON_PATH}",
+                f"https://{done.tls_sse_host}{SSE_PATH}",
+                {"Authorization": f"Bearer {done.token}"},
+                (gw_pid,),
+                proxy=f"http://127.0.0.1:{forward_port}",
+                ca_file=str(wallet_ca),
+            )
+        )
+        self._prepare_load(upstream_kind, databases)
         self.status.milestone("checking every target once…")
         for target in self.targets:
             self.check(target)
-        self._prepare_load(upstream_kind, databases)
 
     def _prepare_load(self, upstream_kind: str, databases: str) -> None:
         """The load generators, the time per measurement, and the description of the setup."""
@@ -419,6 +479,16 @@ class Bench:
 
     def check(self, target: Target) -> None:
         """One request of each kind, checked, before anything is measured."""
+        if target.proxy is not None:  # through the forward proxy: the load generator checks
+            assert self.python_load is not None
+            modes: tuple[Mode, ...] = ("json", "sse")
+            for mode in modes:
+                m = self.python_load.measure(
+                    target.url(mode), mode, 1, 0.2, target.headers, target.proxy, target.ca_file
+                )
+                if m.error_count or not m.requests:
+                    raise BenchError(f"{target.label}: {mode} through the proxy failed: {m}")
+            return
         for mode in ("json", "sse"):
             status, body, headers = http("GET", target.url(mode), headers=target.headers)
             if status != 200:
@@ -437,12 +507,18 @@ class Bench:
         url = target.url(scenario.mode)
         pids = target.processes(scenario.mode)
         cpu_before = cpu_seconds(pids)
-        if scenario.mode == "json" and self.wrk is not None:
+        if scenario.mode == "json" and self.wrk is not None and target.proxy is None:
             m = self.wrk.measure(url, scenario.concurrency, seconds, target.headers)
-        else:
+        else:  # wrk speaks neither event streams nor proxies
             assert self.python_load is not None
             m = self.python_load.measure(
-                url, scenario.mode, scenario.concurrency, seconds, target.headers
+                url,
+                scenario.mode,
+                scenario.concurrency,
+                seconds,
+                target.headers,
+                target.proxy,
+                target.ca_file,
             )
         cpu = cpu_seconds(pids) - cpu_before
         return replace(m, cpu_us_per_request=cpu / m.served * 1e6 if m.served else None)

@@ -17,6 +17,7 @@ import math
 import re
 import select
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -56,6 +57,8 @@ class Job:
     start_at: float  # time.time() at which the measured window opens
     seconds: float
     headers: dict[str, str]
+    proxy: str | None = None  # a forward proxy (CONNECT for https URLs)
+    ca_file: str | None = None  # the CA that the proxy's certificates chain to
 
 
 @dataclass
@@ -174,11 +177,13 @@ async def _connection(
 
 async def run_job(job: Job) -> Sample:
     fetch: Fetch = fetch_sse if job.mode == "sse" else fetch_json
+    tls = ssl.create_default_context(cafile=job.ca_file) if job.ca_file else True
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=job.connections),
+        connector=aiohttp.TCPConnector(limit=job.connections, ssl=tls),
         timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S),
         headers=job.headers,
         skip_auto_headers=("User-Agent",),
+        proxy=job.proxy,
     )
     async with session:
         sample = Sample()
@@ -236,7 +241,14 @@ class PythonLoad:
         return len(self._workers)
 
     def measure(
-        self, url: str, mode: Mode, connections: int, seconds: float, headers: dict[str, str]
+        self,
+        url: str,
+        mode: Mode,
+        connections: int,
+        seconds: float,
+        headers: dict[str, str],
+        proxy: str | None = None,
+        ca_file: str | None = None,
     ) -> Measurement:
         start_at = time.time() + START_DELAY_S
         used = self._workers[: min(connections, len(self._workers))]
@@ -244,7 +256,7 @@ class PythonLoad:
             connections // len(used) + (i < connections % len(used)) for i in range(len(used))
         ]
         for proc, share in zip(used, shares, strict=True):
-            job = Job(url, mode, share, start_at, seconds, headers)
+            job = Job(url, mode, share, start_at, seconds, headers, proxy, ca_file)
             assert proc.stdin is not None
             proc.stdin.write(json.dumps(asdict(job)).encode() + b"\n")
             proc.stdin.flush()

@@ -55,6 +55,8 @@ class Target:
     pids: tuple[int, ...]  # the processes serving it (their descendants count too)
     floor: str | None = None  # the bare proxy to compare with (same number of workers)
     sse_pids: tuple[int, ...] | None = None  # when another server streams the events
+    proxy: str | None = None  # forward-proxy rows: the load goes through this proxy
+    ca_file: str | None = None  # ... trusting this CA
 
     def url(self, mode: Mode) -> str:
         return self.sse_url if mode == "sse" else self.json_url
@@ -184,8 +186,9 @@ def render_markdown(body: Sequence[Sequence[str]]) -> str:
 
 
 def verdicts(targets: Sequence[Target], table: dict[tuple[str, str], Summary]) -> list[str]:
-    """The issue's two targets, for each gateway row that was measured."""
-    out = []
+    """The issue's two targets, for each gateway row that was measured; and what the forward
+    proxy costs next to the reverse proxy."""
+    out = forward_ratios(table)
     for t in targets:
         if not t.key.startswith("gateway") or t.floor is None:
             continue
@@ -212,6 +215,24 @@ def verdicts(targets: Sequence[Target], table: dict[tuple[str, str], Summary]) -
             out.append(
                 f"{t.label}, json c1: {added:+.2f} ms p50 over direct "
                 f"(target <= {ADDED_P50_TARGET_MS} ms): {ok}"
+            )
+    return out
+
+
+def forward_ratios(table: dict[tuple[str, str], Summary]) -> list[str]:
+    """Forward proxy (TLS on both sides, keep-alive in the tunnel) vs the reverse proxy
+    (plain): by CPU per request of the gateway, which the load generators do not sway."""
+    out = []
+    for scenario in ("json c1", "json c32", "sse c32"):
+        forward, reverse = table.get((scenario, "forward-1")), table.get((scenario, "gateway-1"))
+        if forward is None or reverse is None:
+            continue
+        f_cpu, r_cpu = forward.cpu_us_per_request, reverse.cpu_us_per_request
+        if f_cpu and r_cpu:
+            out.append(
+                f"forward proxy (1 worker), {scenario}: {f_cpu:.0f} us CPU per request vs "
+                f"{r_cpu:.0f} us in reverse mode, so {r_cpu / f_cpu:.0%} of its req/s on "
+                f"equal cores; p50 {forward.p50_ms:.2f} ms vs {reverse.p50_ms:.2f} ms"
             )
     return out
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
+import ssl
 from typing import Final
 
 from aiohttp import web
@@ -54,8 +56,15 @@ def main() -> None:
     args = argparse.ArgumentParser(description=__doc__)
     args.add_argument("--port", type=int, required=True)
     args.add_argument("--key", action="append", default=[], help="an accepted bearer key")
+    args.add_argument("--tls-port", type=int, help="also serve TLS on this port")
+    args.add_argument("--cert", help="PEM certificate for --tls-port")
+    args.add_argument("--cert-key", help="PEM key for --tls-port")
     ns = args.parse_args()
-    serve(make_app(ns.key), ns.port)
+    tls = None
+    if ns.tls_port:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(ns.cert, ns.cert_key)
+    serve(make_app(ns.key), ns.port, tls, ns.tls_port)
 
 
 def new_loop() -> asyncio.AbstractEventLoop:
@@ -67,19 +76,47 @@ def new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def serve(app: web.Application, port: int) -> None:
-    """Serve on 127.0.0.1 until SIGINT/SIGTERM; several processes may share `port`."""
-    web.run_app(
-        app,
-        host="127.0.0.1",
-        port=port,
-        reuse_port=True,
-        backlog=1024,
-        shutdown_timeout=1.0,
-        access_log=None,
-        print=None,
-        loop=new_loop(),
-    )
+def serve(
+    app: web.Application,
+    port: int,
+    tls: ssl.SSLContext | None = None,
+    tls_port: int | None = None,
+) -> None:
+    """Serve on 127.0.0.1 (and with TLS on `tls_port`) until SIGINT/SIGTERM; several
+    processes may share the ports."""
+    if tls is None or tls_port is None:
+        web.run_app(
+            app,
+            host="127.0.0.1",
+            port=port,
+            reuse_port=True,
+            backlog=1024,
+            shutdown_timeout=1.0,
+            access_log=None,
+            print=None,
+            loop=new_loop(),
+        )
+        return
+
+    async def both() -> None:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        for site in (
+            web.TCPSite(runner, "127.0.0.1", port, reuse_port=True, backlog=1024),
+            web.TCPSite(
+                runner, "127.0.0.1", tls_port, reuse_port=True, backlog=1024, ssl_context=tls
+            ),
+        ):
+            await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(both())
 
 
 if __name__ == "__main__":

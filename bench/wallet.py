@@ -2,9 +2,10 @@
 
 `wallet admin` starts first, on its own temporary `WALLET_DATA_DIR` (embedded PostgreSQL and
 Redis) unless `DATABASE_URL`/`REDIS_URL` are set; the gateways (`wallet gateway`, and
-`wallet gateway --workers N` when the command accepts it) attach to its databases. Two custom
-services point at the fake upstream, each with a stored key, and one wallet token may use
-both: all of it through HTTP calls on the admin API.
+`wallet gateway --workers N` when the command accepts it) attach to its databases. Custom
+services point at the fake upstream (plain, and over TLS with hosts of their own for the
+forward-proxy rows), each with a stored key, and one wallet token may use them all: all of it
+through HTTP calls on the admin API.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class UpstreamPlan:
     sse_base: str
     json_key: str
     sse_key: str
+    # The same over TLS, for the forward-proxy rows (other keys: a key is stored once).
+    tls_json_base: str
+    tls_sse_base: str
+    tls_json_key: str
+    tls_sse_key: str
+    ca_file: Path  # the CA of the upstream's TLS certificate
 
 
 @dataclass
@@ -46,6 +53,9 @@ class Configured:
     token: str
     token_id: str
     key_ids: list[str] = field(default_factory=list)
+    tls_json_host: str = ""  # the hosts the forward-proxy services claim
+    tls_sse_host: str = ""
+    slugs: list[str] = field(default_factory=list)
 
 
 def wallet_command() -> str:
@@ -98,11 +108,31 @@ class Wallet:
     def log_level(self) -> str:
         return self._env.get("LOG_LEVEL") or "info"
 
-    def _start(self, name: str, args: list[str], port_env: str) -> tuple[str, int]:
+    def trust_upstream_ca(self, ca_file: Path) -> None:
+        """Gateways started from now on verify the upstream's TLS against `ca_file`."""
+        self._env["UPSTREAM_CA_BUNDLE"] = str(ca_file)
+
+    def export_ca(self, path: Path) -> None:
+        """`wallet ca export PATH`: the CA the forward proxy's certificates chain to."""
+        out = subprocess.run(  # noqa: S603 - fixed argv, no shell
+            [self.command, "ca", "export", str(path)],
+            cwd=self._scratch,
+            env=self._env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if out.returncode != 0:
+            raise BenchError(f"wallet ca export failed: {out.stderr.strip()[-300:]}")
+
+    def _start(self, name: str, args: list[str], port_env: str) -> tuple[str, int, int]:
         port = free_port()
+        forward_port = free_port()
         env = {**self._env, port_env: str(port)}
         if port_env == "GATEWAY_PORT":
             env["ADMIN_PORT"] = str(free_port())
+            env["FORWARD_PROXY_PORT"] = str(forward_port)
         proc = self._procs.start(
             name,
             [self.command, *args],
@@ -113,13 +143,14 @@ class Wallet:
         )
         url = f"http://127.0.0.1:{port}"
         wait_ready(url + HEALTH, self._procs.child(proc), READY_TIMEOUT_S)
-        return url, proc.pid
+        return url, proc.pid, forward_port
 
     def start_admin(self) -> None:
-        self.admin_url, _ = self._start("wallet admin", ["admin"], "ADMIN_PORT")
+        self.admin_url, _, _ = self._start("wallet admin", ["admin"], "ADMIN_PORT")
 
-    def start_gateway(self, workers: int | None) -> tuple[str, int]:
-        """(base URL, pid) of a new gateway; its workers, if any, are its children."""
+    def start_gateway(self, workers: int | None) -> tuple[str, int, int]:
+        """(base URL, pid, forward-proxy port) of a new gateway; its workers, if any, are
+        its children."""
         args = ["gateway"] if workers is None else ["gateway", "--workers", str(workers)]
         name = "wallet gateway" if workers is None else f"wallet gateway --workers {workers}"
         return self._start(name, args, "GATEWAY_PORT")
@@ -139,10 +170,34 @@ class Wallet:
         login = self._call("POST", "/auth/login", {"username": "admin", "password": self._password})
         self._jwt = login["token"]
         suffix = secrets.token_hex(3)
-        slugs = {"json": f"bench-json-{suffix}", "sse": f"bench-sse-{suffix}"}
-        bases = {"json": plan.json_base, "sse": plan.sse_base}
-        keys = {"json": plan.json_key, "sse": plan.sse_key}
-        done = Configured(slugs["json"], slugs["sse"], token="", token_id="")
+        slugs = {
+            "json": f"bench-json-{suffix}",
+            "sse": f"bench-sse-{suffix}",
+            "tls-json": f"bench-tls-json-{suffix}",
+            "tls-sse": f"bench-tls-sse-{suffix}",
+        }
+        bases = {
+            "json": plan.json_base,
+            "sse": plan.sse_base,
+            "tls-json": plan.tls_json_base,
+            "tls-sse": plan.tls_sse_base,
+        }
+        keys = {
+            "json": plan.json_key,
+            "sse": plan.sse_key,
+            "tls-json": plan.tls_json_key,
+            "tls-sse": plan.tls_sse_key,
+        }
+        hosts = {kind: f"{kind}-{suffix}.bench.test" for kind in ("tls-json", "tls-sse")}
+        done = Configured(
+            slugs["json"],
+            slugs["sse"],
+            token="",
+            token_id="",
+            tls_json_host=hosts["tls-json"],
+            tls_sse_host=hosts["tls-sse"],
+            slugs=list(slugs.values()),
+        )
         self.configured = done
         for kind, slug in slugs.items():
             self._call(
@@ -153,6 +208,7 @@ class Wallet:
                     "name": f"bench {kind}",
                     "base_url": bases[kind],
                     "auth": {"type": "bearer"},
+                    "hosts": [hosts[kind]] if kind in hosts else [],
                 },
             )
             key = self._call(
@@ -176,7 +232,7 @@ class Wallet:
             return
         calls = [("DELETE", f"/tokens/{done.token_id}")] if done.token_id else []
         calls += [("DELETE", f"/keys/{key_id}") for key_id in done.key_ids]
-        calls += [("DELETE", f"/services/{s}") for s in (done.json_slug, done.sse_slug)]
+        calls += [("DELETE", f"/services/{s}") for s in done.slugs]
         for method, path in calls:
             with contextlib.suppress(BenchError, OSError):
                 self._call(method, path)

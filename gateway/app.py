@@ -9,7 +9,9 @@ from typing import Final
 from aiohttp import web
 
 from gateway import (
+    ca,
     envelope,
+    fwdproxy,
     invalidation,
     monitoring,
     proxy,
@@ -35,6 +37,7 @@ from gateway.appkeys import (
     STICKY,
     VAULT,
 )
+from gateway.ca import AUTHORITIES
 from gateway.callers import Callers
 from gateway.catalog import Catalog
 from gateway.cooldown import Cooldowns, Pressure
@@ -91,6 +94,8 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
         keypool.invalidate(kind, target_id)
         if kind == "service":
             catalog.invalidate()
+        if kind == "ca":
+            tasks.spawn(app, "ca-reload", app[AUTHORITIES].reload())
 
     def on_reset() -> None:
         callers.clear()
@@ -115,8 +120,16 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
 def create_app(settings: Settings) -> web.Application:
     app = base_app(settings, "gateway", REQUEST_ID_HEADER)
     app.cleanup_ctx.extend(
-        (tasks.tasks_ctx, upstream.session_ctx, wsrelay.session_ctx, caches_ctx, usage.usage_ctx)
+        (
+            tasks.tasks_ctx,
+            upstream.session_ctx,
+            wsrelay.session_ctx,
+            caches_ctx,
+            ca.authorities_ctx,
+            usage.usage_ctx,
+        )
     )
+    app.middlewares.append(fwdproxy.divert)  # forward-proxy connections skip the routes
     app.router.add_post("/proxy", envelope.handle, name="proxy.envelope")
     app.router.add_route("*", "/{service}", proxy.reverse, name="proxy.service")
     app.router.add_route("*", "/{service}/{path:.*}", proxy.reverse, name="proxy.reverse")

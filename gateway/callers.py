@@ -77,6 +77,17 @@ class _Entry:
     verified: float  # when PostgreSQL last gave this answer
 
 
+def _admit(caller: Caller | None, service: str) -> Caller:
+    """The caller a token lookup found, if it may call `service` now."""
+    if caller is None:
+        raise Unauthenticated("unknown or revoked wallet token")
+    if caller.expires_at is not None and caller.expires_at <= datetime.now(UTC):
+        raise Unauthenticated("this wallet token has expired")
+    if service not in caller.services:
+        raise Forbidden(f"this wallet token may not use {service!r}")
+    return caller
+
+
 class Callers:
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
@@ -160,14 +171,17 @@ class Callers:
                 "present a wallet token (Authorization: Bearer, X-Wallet-Token, "
                 "or the service's own key slot)"
             )
-        caller = await self._get(tokens.token_hash(token))
-        if caller is None:
-            raise Unauthenticated("unknown or revoked wallet token")
-        if caller.expires_at is not None and caller.expires_at <= datetime.now(UTC):
-            raise Unauthenticated("this wallet token has expired")
-        if service not in caller.services:
-            raise Forbidden(f"this wallet token may not use {service!r}")
-        return caller
+        return _admit(await self._get(tokens.token_hash(token)), service)
+
+    def cached(self, token: Secret[str] | None, service: str) -> Caller | None:
+        """`authenticate` without waiting, when the cache holds a fresh answer for `token`:
+        the caller, or the same error; None when `authenticate` has more to do."""
+        if token is None:
+            return None
+        entry = self._entries.get(tokens.token_hash(token))
+        if entry is None or entry.until <= time.monotonic():
+            return None
+        return _admit(entry.caller, service)
 
     def invalidate(self, kind: str, target_id: str | None) -> None:
         if kind in ("token", "user"):

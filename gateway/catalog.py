@@ -29,6 +29,8 @@ class Catalog:
         self._fresh = False
         self._loaded_at = 0.0  # monotonic clock
         self._generation = 0  # bumped by every invalidation
+        self._hosts: dict[str, Service] = {}  # built from the _by_slug it names
+        self._hosts_of: dict[str, Service] | None = None
         self._outage = OutageLog("services")
 
     async def refresh(self) -> None:
@@ -56,7 +58,7 @@ class Catalog:
             else:
                 self._outage.succeeded()
 
-    async def get(self, slug: str) -> Service:
+    async def _ensure_fresh(self) -> None:
         if not self._fresh or time.monotonic() - self._loaded_at >= STALE_MAX_S:
             try:
                 async with asyncio.timeout(LOOKUP_TIMEOUT_S):
@@ -65,7 +67,29 @@ class Catalog:
                 self._outage.failed(exc)
                 raise DatabaseUnavailable("the service catalog") from exc
             self._outage.succeeded()
+
+    def peek(self, slug: str) -> Service | None:
+        """`get` without waiting: the service when the copy in hand may serve it; None when
+        `get` has more to do (a reload, or an UnknownService to raise)."""
+        if self._fresh and time.monotonic() - self._loaded_at < STALE_MAX_S:
+            return self._by_slug.get(slug)
+        return None
+
+    async def get(self, slug: str) -> Service:
+        await self._ensure_fresh()
         service = self._by_slug.get(slug)
         if service is None:
             raise UnknownService(slug)
         return service
+
+    async def by_host(self, host: str) -> Service | None:
+        """The service whose `hosts` claim `host` (forward-proxy mode), or None. Hosts are
+        unique to one service in practice; if two claim one, the first slug wins."""
+        await self._ensure_fresh()
+        if self._hosts_of is not self._by_slug:
+            self._hosts = {}
+            for service in sorted(self._by_slug.values(), key=lambda s: s.slug):
+                for name in service.hosts:
+                    self._hosts.setdefault(name, service)
+            self._hosts_of = self._by_slug
+        return self._hosts.get(host)

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Final
 
-import aiohttp
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
@@ -21,11 +20,12 @@ from yarl import URL
 from gateway import signals
 from gateway.costs import Meter
 from gateway.errors import PayloadTooLarge, WalletError
+from gateway.hothttp import HotResponse, UpstreamError
 from gateway.inject import redact_bytes, response_headers, response_reason
 from gateway.scrub import Scrubber
 from gateway.secret import Secret
 from gateway.signals import JUDGE_BODY_BYTES, Verdict
-from gateway.upstream import SESSION, upstream_errors
+from gateway.upstream import CLIENT, upstream_errors
 
 log = structlog.get_logger(__name__)
 
@@ -119,15 +119,13 @@ async def stream(
     `refusable`, one that another key may serve is not relayed but returned as a Refusal, for
     the caller to fail over; otherwise it is relayed unchanged and `timing.verdict` says what
     it meant for the key. Other answers are streamed without a look at their body."""
-    session = request.app[SESSION]
+    client = request.app[CLIENT]
     loop = asyncio.get_running_loop()
     timing.upstream_started = loop.time()
     timing.verdict = signals.OK
     try:
         with upstream_errors(out.service):
-            async with session.request(
-                out.method, out.url, headers=out.headers, data=out.body, allow_redirects=False
-            ) as upstream:
+            async with client.request(out.method, out.url, out.headers, out.body) as upstream:
                 timing.upstream_headers = loop.time()
                 read: bytes | None = None  # the whole body, when read to judge the answer
                 head = b""  # the body's first bytes, when that read stopped short
@@ -167,11 +165,9 @@ async def stream(
         raise
 
 
-async def _judge(
-    out: Outbound, upstream: aiohttp.ClientResponse
-) -> tuple[Verdict, bytes | None, bytes]:
+async def _judge(out: Outbound, upstream: HotResponse) -> tuple[Verdict, bytes | None, bytes]:
     """The verdict on an answer, with its body when read whole (at most JUDGE_BODY_BYTES,
-    decompressed by aiohttp), or the first bytes read when the body turned out longer (then
+    decompressed), or the first bytes read when the body turned out longer (then
     judged by status and headers alone, as is a body not worth reading)."""
     status, headers = upstream.status, upstream.headers
     length = upstream.content_length
@@ -184,7 +180,7 @@ async def _judge(
         return signals.classify(out.service, status, headers, None), None, b""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in upstream.content.iter_any():
+    async for chunk in upstream.iter_any():
         chunks.append(chunk)
         size += len(chunk)
         if size > JUDGE_BODY_BYTES:
@@ -193,17 +189,17 @@ async def _judge(
     return signals.classify(out.service, status, headers, body), body, b""
 
 
-async def _drain(upstream: aiohttp.ClientResponse) -> None:
+async def _drain(upstream: HotResponse) -> None:
     """Read and drop a refusal's body (bounded), so the connection can be reused."""
     read = 0
-    async for chunk in upstream.content.iter_any():
+    async for chunk in upstream.iter_any():
         read += len(chunk)
         if read > WHOLE_BODY_BYTES:
             upstream.close()
             return
 
 
-def _whole_body(method: str, upstream: aiohttp.ClientResponse) -> bool:
+def _whole_body(method: str, upstream: HotResponse) -> bool:
     """A small body of known length, not compressed: read it whole and answer in one write
     with its exact length (a streamed answer costs a chunked body and several writes). An
     upstream that breaks off mid-body then gets a clean 502 instead of a truncated 200."""
@@ -212,14 +208,13 @@ def _whole_body(method: str, upstream: aiohttp.ClientResponse) -> bool:
         method != "HEAD"
         and upstream.status not in NO_BODY_STATUSES
         and length is not None
-        and length <= WHOLE_BODY_BYTES
-        and "Content-Encoding" not in upstream.headers
+        and length <= WHOLE_BODY_BYTES  # None for a body the client decompresses
     )
 
 
 async def _relay_or_abort(
     request: web.Request,
-    upstream: aiohttp.ClientResponse,
+    upstream: HotResponse,
     response: web.StreamResponse,
     out: Outbound,
     timing: Timing,
@@ -232,14 +227,14 @@ async def _relay_or_abort(
         scrubber = Scrubber(out.key.reveal(), out.forms)
         await _relay(upstream, response, scrubber, timing, out.meter, head)
         await response.write_eof()
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+    except (UpstreamError, OSError, TimeoutError) as exc:
         log.warning("stream_aborted", service=out.service, error=type(exc).__name__)
         if request.transport is not None:
             request.transport.close()
 
 
 async def _relay(
-    upstream: aiohttp.ClientResponse,
+    upstream: HotResponse,
     response: web.StreamResponse,
     scrubber: Scrubber,
     timing: Timing,
@@ -248,7 +243,7 @@ async def _relay(
 ) -> None:
     # `head`: bytes already read to judge the answer, relayed first (rarely: the common
     # path iterates the upstream directly).
-    chunks = _prefixed(head, upstream) if head else upstream.content.iter_any()
+    chunks = _prefixed(head, upstream) if head else upstream.iter_any()
     async for chunk in chunks:
         cleaned = scrubber.feed(chunk)
         if cleaned:
@@ -264,7 +259,7 @@ async def _relay(
         await response.write(rest)
 
 
-async def _prefixed(head: bytes, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+async def _prefixed(head: bytes, upstream: HotResponse) -> AsyncIterator[bytes]:
     yield head
-    async for chunk in upstream.content.iter_any():
+    async for chunk in upstream.iter_any():
         yield chunk

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -51,6 +52,7 @@ CLIENT_ONLY: Final = frozenset(
         "x-wallet-token",
     }
 )
+_NOT_FORWARDED: Final = REQUEST_DROP | CLIENT_ONLY
 # Response headers never relayed to the client (hop-by-hop, or describing a body we re-encode).
 RESPONSE_DROP: Final = HOP_BY_HOP | {"content-encoding", "content-length", "set-cookie"}
 
@@ -61,6 +63,12 @@ class AuthSlot:
 
     type: str
     name: str | None
+
+
+@functools.lru_cache(maxsize=1024)
+def auth_slot(auth_type: str, auth_name: str | None) -> AuthSlot:
+    """The AuthSlot of a service's auth scheme, made once (it is the same for every request)."""
+    return AuthSlot(auth_type, auth_name)
 
 
 def _basic_parts(value: str) -> tuple[str, str]:
@@ -138,13 +146,12 @@ def upstream_headers(
 ) -> CIMultiDict[str]:
     """The client's headers minus hop-by-hop and client credentials, plus the real key."""
     out: CIMultiDict[str] = CIMultiDict()
+    own = slot.name.lower() if slot.type == "header" and slot.name else None
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in REQUEST_DROP or lower in CLIENT_ONLY or lower.startswith("x-wallet-"):
+        if lower in _NOT_FORWARDED or lower.startswith("x-wallet-") or lower == own:
             continue
         if _carries_token(value):
-            continue
-        if slot.type == "header" and slot.name and lower == slot.name.lower():
             continue
         out.add(name, value)
     secret = key.reveal()
@@ -175,12 +182,20 @@ def upstream_query(raw_query: str, slot: AuthSlot, key: Secret[str]) -> str:
 def response_headers(upstream: CIMultiDictProxy[str], forms: tuple[str, ...]) -> CIMultiDict[str]:
     """Upstream response headers to relay: hop-by-hop dropped, any echo of the key (in any of
     its `key_forms`) scrubbed from values, and a header whose name echoes it dropped."""
-    lowered = tuple(form.lower() for form in forms)
+    # A text shorter than every form cannot hold one: most names and values are.
+    shortest = min(map(len, forms)) if forms else 0
+    lowered: tuple[str, ...] | None = None
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
-        if name.lower() in RESPONSE_DROP or any(form in name.lower() for form in lowered):
+        lower = name.lower()
+        if lower in RESPONSE_DROP:
             continue
-        out.add(name, redact(value, forms))
+        if forms and len(lower) >= shortest:
+            if lowered is None:
+                lowered = tuple(form.lower() for form in forms)
+            if any(form in lower for form in lowered):
+                continue
+        out.add(name, redact(value, forms) if forms and len(value) >= shortest else value)
     return out
 
 

@@ -22,7 +22,7 @@ from gateway import rkeys
 
 log = structlog.get_logger(__name__)
 
-Kind = Literal["token", "user", "key", "service", "cooldown"]
+Kind = Literal["token", "user", "key", "service", "cooldown", "ca"]
 RECONNECT_DELAY_S: Final = 0.5
 Listener = Callable[[str, str | None], None]
 

@@ -51,6 +51,16 @@ class KeyPool:
         # Bumped by every invalidation: a load that started before one is not cached.
         self._generation = 0
 
+    def peek(self, service: str) -> tuple[UsableKey, ...] | None:
+        """`usable` without waiting: the keys when the copy in hand may serve; None when
+        `usable` has more to do (a load, or an error to raise)."""
+        if not self._vault.unsealed:
+            return None
+        loaded = self._by_service.get(service)
+        if loaded is not None and time.monotonic() - loaded.at < STALE_MAX_S:
+            return loaded.keys
+        return None
+
     async def usable(self, service: str) -> tuple[UsableKey, ...]:
         """Enabled, active keys of `service`, best first."""
         if not self._vault.unsealed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
@@ -12,16 +13,26 @@ from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
 LabelKey = tuple[tuple[str, str], ...]
 # A buffered collector applies its backlog at the latest after this many observations.
 BACKLOG_LIMIT: Final = 1000
+# `status` label values by hundreds: 404 -> "4xx".
+_STATUS_CLASSES: Final = tuple(f"{n}xx" for n in range(10))
+
+
+def status_class(status: int) -> str:
+    hundreds = status // 100
+    return _STATUS_CLASSES[hundreds] if 0 <= hundreds < 10 else f"{hundreds}xx"
 
 
 class BufferedCounter(Counter):
     """A Counter for the hot path. aioprometheus re-encodes the labels of every update (to
     JSON, twice); this one tallies updates in a plain dict and applies them in bulk when the
-    counter is read (a scrape) or the backlog grows."""
+    counter is read (a scrape) or the backlog grows. `tally` takes the label values alone, in
+    the order of `label_names`: no dict per update."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, label_names: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.label_names = label_names
         self._pending: dict[LabelKey, float] = {}
+        self._tallied: dict[tuple[str, ...], int] = {}
         self._backlog = 0
 
     def inc(self, labels: dict[str, str]) -> None:
@@ -31,10 +42,21 @@ class BufferedCounter(Counter):
         if self._backlog >= BACKLOG_LIMIT:
             self.apply_backlog()
 
+    def tally(self, values: tuple[str, ...]) -> None:
+        """`inc` with the labels given by value, in `label_names` order."""
+        tallied = self._tallied
+        tallied[values] = tallied.get(values, 0) + 1
+        self._backlog += 1
+        if self._backlog >= BACKLOG_LIMIT:
+            self.apply_backlog()
+
     def apply_backlog(self) -> None:
         pending, self._pending, self._backlog = self._pending, {}, 0
+        tallied, self._tallied = self._tallied, {}
         for key, amount in pending.items():
             super().add(dict(key), amount)
+        for values, count in tallied.items():
+            super().add(dict(zip(self.label_names, values, strict=True)), count)
 
     def get_all(self) -> Any:
         self.apply_backlog()
@@ -42,11 +64,15 @@ class BufferedCounter(Counter):
 
 
 class BufferedHistogram(Histogram):
-    """A Histogram for the hot path, buffered like BufferedCounter."""
+    """A Histogram for the hot path, buffered like BufferedCounter (`record` is its `tally`).
+    The backlog is sorted into the buckets in bulk: aioprometheus compares each observation
+    with every bucket."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, label_names: tuple[str, ...] = (), **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.label_names = label_names
         self._pending: dict[LabelKey, list[float]] = {}
+        self._recorded: dict[tuple[str, ...], list[float]] = {}
         self._backlog = 0
 
     def observe(self, labels: dict[str, str], value: float) -> None:  # type: ignore[override]
@@ -55,17 +81,39 @@ class BufferedHistogram(Histogram):
         if self._backlog >= BACKLOG_LIMIT:
             self.apply_backlog()
 
+    def record(self, values: tuple[str, ...], value: float) -> None:
+        """`observe` with the labels given by value, in `label_names` order."""
+        recorded = self._recorded.get(values)
+        if recorded is None:
+            recorded = self._recorded[values] = []
+        recorded.append(value)
+        self._backlog += 1
+        if self._backlog >= BACKLOG_LIMIT:
+            self.apply_backlog()
+
     def apply_backlog(self) -> None:
         pending, self._pending, self._backlog = self._pending, {}, 0
+        recorded, self._recorded = self._recorded, {}
         for key, values in pending.items():
-            labels = dict(key)
-            try:
-                tally = cast(histogram.Histogram, self.get_value(labels))
-            except KeyError:
-                tally = histogram.Histogram(*self.upper_bounds)
-                self.set_value(labels, tally)
-            for value in values:
-                tally.observe(value)
+            self._apply(dict(key), values)
+        for names, values in recorded.items():
+            self._apply(dict(zip(self.label_names, names, strict=True)), values)
+
+    def _apply(self, labels: dict[str, str], values: list[float]) -> None:
+        try:
+            tally = cast(histogram.Histogram, self.get_value(labels))
+        except KeyError:
+            tally = histogram.Histogram(*self.upper_bounds)
+            self.set_value(labels, tally)
+        total = tally.sum
+        for value in values:  # in the order observed, as one by one would sum them
+            total += value
+        tally.sum = total
+        tally.observations += len(values)
+        values.sort()
+        buckets = tally.buckets  # upper bound -> observations at or below it (cumulative)
+        for upper in buckets:
+            buckets[upper] += bisect_right(values, upper)
 
     def get_all(self) -> Any:
         self.apply_backlog()
@@ -87,12 +135,14 @@ class Metrics:
             "HTTP requests served, by route and status class",
             const_labels=labels,
             registry=self.registry,
+            label_names=("route", "status"),
         )
         self.latency = BufferedHistogram(
             "wallet_http_request_duration_seconds",
             "Time to serve a request, by route",
             const_labels=labels,
             registry=self.registry,
+            label_names=("route",),
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         )
         self.in_flight = Gauge(
@@ -115,15 +165,18 @@ class Metrics:
         )
         self.proxied = BufferedCounter(
             "wallet_proxied_requests_total",
-            "Requests for a service, forwarded or refused, by service and status class",
+            "Requests for a service, forwarded or refused, by service, status class and mode "
+            "(reverse: /{service}/...; forward: through the forward proxy)",
             const_labels=labels,
             registry=self.registry,
+            label_names=("service", "status", "mode"),
         )
         self.upstream_latency = BufferedHistogram(
             "wallet_upstream_latency_seconds",
             "Time from sending upstream to its response headers, by service",
             const_labels=labels,
             registry=self.registry,
+            label_names=("service",),
             buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
         )
         self.overhead = BufferedHistogram(
@@ -131,6 +184,7 @@ class Metrics:
             "Time the gateway adds (before the upstream call and before relaying), by service",
             const_labels=labels,
             registry=self.registry,
+            label_names=("service",),
             buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1),
         )
         self.fallbacks = Counter(

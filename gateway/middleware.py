@@ -14,6 +14,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from multidict import istr
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -21,6 +22,7 @@ from gateway import logs, sdkerrors
 from gateway.appkeys import METRICS
 from gateway.errors import WalletError
 from gateway.logs import redact_url
+from gateway.metrics import status_class
 
 log = structlog.get_logger(__name__)
 
@@ -105,20 +107,26 @@ def _from_http_exception(exc: web.HTTPException) -> tuple[int, str, str]:
     return status, code, message
 
 
+# Header names as multidict's `istr`: a case-insensitive lookup need not fold them each time.
+_SECURITY_HEADERS: Final = tuple((istr(name), value) for name, value in SECURITY_HEADERS.items())
+
+
 def _stamp(response: web.StreamResponse, header: str, request_id: str) -> None:
-    response.headers[header] = request_id
-    for name, value in SECURITY_HEADERS.items():
-        response.headers.setdefault(name, value)
+    headers = response.headers
+    headers[header] = request_id
+    for name, value in _SECURITY_HEADERS:
+        headers.setdefault(name, value)
 
 
 def make_prepare_hook(
     request_id_header: str,
 ) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
     """Stamps streamed responses, whose headers leave before the middleware sees them."""
+    header = istr(request_id_header)
 
     async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-        if REQUEST_ID in request and request_id_header not in response.headers:
-            _stamp(response, request_id_header, request[REQUEST_ID])
+        if REQUEST_ID in request and header not in response.headers:
+            _stamp(response, header, request[REQUEST_ID])
 
     return on_prepare
 
@@ -132,6 +140,7 @@ def make_middleware(request_id_header: str) -> Middleware:
     # request is a syscall on the hot path.
     prefix = secrets.token_hex(8)
     sequence = itertools.count(1)
+    header = istr(request_id_header)
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -143,18 +152,24 @@ def make_middleware(request_id_header: str) -> Middleware:
         route_name = route.canonical if route is not None else "unmatched"
         metrics.in_flight_now += 1
         try:
-            response = await _render_errors(request, handler, request_id)
+            response = await handler(request)
+        except Exception as exc:  # rendered in the one JSON shape (see `_rendered`)
+            rendered = _rendered(request, exc, request_id)
+            if rendered is None:
+                raise
+            response = rendered
         finally:
             metrics.in_flight_now -= 1
         elapsed = time.perf_counter() - started
         if not response.prepared:
-            _stamp(response, request_id_header, request_id)
-        metrics.requests.inc({"route": route_name, "status": f"{response.status // 100}xx"})
-        metrics.latency.observe({"route": route_name}, elapsed)
+            _stamp(response, header, request_id)
+        status = response.status
+        metrics.requests.tally((route_name, status_class(status)))
+        metrics.latency.record((route_name,), elapsed)
         logs.access(
             request.method,
             redact_url(request.rel_url),
-            response.status,
+            status,
             round(elapsed * 1000, 2),
             request_id,
         )
@@ -163,53 +178,65 @@ def make_middleware(request_id_header: str) -> Middleware:
     return middleware
 
 
-async def _render_errors(
-    request: web.Request, handler: Handler, request_id: str
-) -> web.StreamResponse:
+def _render(
+    request: web.Request,
+    request_id: str,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    details: dict[str, object] | None = None,
+) -> web.Response:
+    google_style = request.get(SERVICE) in sdkerrors.GOOGLE_STYLE
+    return error_response(
+        status, code, message, request_id, headers, details, google_style=google_style
+    )
+
+
+def _rendered(request: web.Request, exc: Exception, request_id: str) -> web.Response | None:
+    """The error answer for an exception a handler raised; None for one to let through (an
+    HTTP exception below 400, such as a redirect). Called while `exc` is being handled."""
     metrics = request.app[METRICS]
-
-    def render(
-        status: int,
-        code: str,
-        message: str,
-        headers: dict[str, str] | None = None,
-        details: dict[str, object] | None = None,
-    ) -> web.Response:
-        google_style = request.get(SERVICE) in sdkerrors.GOOGLE_STYLE
-        return error_response(
-            status, code, message, request_id, headers, details, google_style=google_style
-        )
-
-    try:
-        return await handler(request)
-    except WalletError as exc:
+    if isinstance(exc, WalletError):
         metrics.errors.inc({"code": exc.code})
-        return render(exc.status, exc.code, exc.message, exc.headers, exc.details)
-    except web.HTTPException as exc:
+        return _render(
+            request, request_id, exc.status, exc.code, exc.message, exc.headers, exc.details
+        )
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            return None
         status, code, message = _from_http_exception(exc)
         metrics.errors.inc({"code": code})
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return render(status, code, message, headers)
-    except REDIS_DOWN as exc:
+        return _render(request, request_id, status, code, message, headers)
+    if isinstance(exc, REDIS_DOWN):
         log.error("redis_unavailable", error=type(exc).__name__, request_id=request_id)
         metrics.errors.inc({"code": "redis_unavailable"})
-        return render(503, "redis_unavailable", "Redis is unavailable")
-    except DB_DOWN as exc:
+        return _render(request, request_id, 503, "redis_unavailable", "Redis is unavailable")
+    if isinstance(exc, DB_DOWN):
         log.error("database_unavailable", error=type(exc).__name__, request_id=request_id)
         metrics.errors.inc({"code": "database_unavailable"})
-        return render(
-            503, "database_unavailable", "the database is unavailable", {"Retry-After": "1"}
+        return _render(
+            request,
+            request_id,
+            503,
+            "database_unavailable",
+            "the database is unavailable",
+            {"Retry-After": "1"},
         )
-    except UNSTORABLE_TEXT:
+    if isinstance(exc, UNSTORABLE_TEXT):
         # A NUL character (raw, or `\u0000` in JSON) in a path, query or body field reached
         # PostgreSQL, which cannot store it: the client's fault, so a 400, not a 500.
         metrics.errors.inc({"code": "bad_request"})
-        return render(400, "bad_request", "text must not contain NUL (\\u0000) characters")
-    except Exception as exc:
-        # The one broad catch: anything unexpected becomes a 500 in the JSON shape, logged
-        # (secrets scrubbed by the redactor) with the request id a user can quote.
-        log.exception("unhandled_error", error=type(exc).__name__, request_id=request_id)
-        metrics.errors.inc({"code": "internal_error"})
-        return render(500, "internal_error", "internal error")
+        return _render(
+            request,
+            request_id,
+            400,
+            "bad_request",
+            "text must not contain NUL (\\u0000) characters",
+        )
+    # The one broad catch: anything unexpected becomes a 500 in the JSON shape, logged
+    # (secrets scrubbed by the redactor) with the request id a user can quote.
+    log.exception("unhandled_error", error=type(exc).__name__, request_id=request_id)
+    metrics.errors.inc({"code": "internal_error"})
+    return _render(request, request_id, 500, "internal_error", "internal error")

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Set
-from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from collections.abc import AsyncIterator, Iterator, Set
+from dataclasses import dataclass, field, replace
 from decimal import Decimal
 from typing import Final
 from urllib.parse import parse_qsl
@@ -46,14 +45,23 @@ from gateway.errors import (
     WalletError,
 )
 from gateway.forward import BodyGuard, Outbound, Refusal, Timing, stream
-from gateway.inject import AuthSlot, find_token, key_forms, upstream_headers, upstream_query
+from gateway.inject import (
+    AuthSlot,
+    auth_slot,
+    find_token,
+    key_forms,
+    upstream_headers,
+    upstream_query,
+)
 from gateway.limits import Admitted, BudgetExceeded, Plan, RateLimited, nano
+from gateway.metrics import status_class
 from gateway.middleware import REDIS_DOWN, SERVICE
 from gateway.quota import Lease, Limit, Quotas, lease_s, new_lease_id
+from gateway.secret import Secret
 from gateway.selection import LOCAL_STRATEGIES, UsableKey, allowed, arrange
 from gateway.services import RESERVED_SLUGS, Service
 from gateway.signals import Signal, Verdict
-from gateway.usage import USAGE, UsageRecord
+from gateway.usage import USAGE
 
 log = structlog.get_logger(__name__)
 
@@ -67,11 +75,13 @@ CHARGED: Final = web.RequestKey("wallet_charged", str)
 CLIENT_GONE: Final = 499  # the status recorded for a request its client abandoned (nginx's)
 # A body up to this size is read before forwarding, so that it can go to another key.
 FAILOVER_BODY_BYTES: Final = 1024 * 1024
+ZERO: Final = Decimal(0)
 
 
 @dataclass(frozen=True)
 class Inbound:
-    """A request to forward, from the reverse-proxy path or the `/proxy` envelope."""
+    """A request to forward, from the reverse-proxy path, the `/proxy` envelope, or a
+    forward-proxy tunnel (gateway/fwdproxy.py)."""
 
     service: str
     method: str
@@ -80,6 +90,9 @@ class Inbound:
     headers: CIMultiDictProxy[str] | CIMultiDict[str]
     body: bytes | None
     stream_body: bool = False  # forward the client's own request body as it arrives
+    # Forward proxy: the token of the tunnel's CONNECT (used when the request has none).
+    token: Secret[str] | None = field(default=None, repr=False)
+    mode: str = "reverse"  # which listener took the request: "reverse" or "forward"
 
 
 async def reverse(request: web.Request) -> web.StreamResponse:
@@ -138,11 +151,14 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
     started = asyncio.get_running_loop().time()
     label = UNKNOWN_SERVICE  # a metric label: only a known slug, never what the client sent
     try:
-        service = await app[CATALOG].get(inbound.service)
+        # The caches answer most requests without waiting (`peek`, `cached`).
+        catalog = app[CATALOG]
+        service = catalog.peek(inbound.service) or await catalog.get(inbound.service)
         label = request[SERVICE] = service.slug
-        slot = AuthSlot(service.auth_type, service.auth_name)
-        query = parse_qsl(inbound.query, keep_blank_values=True)
-        caller = await app[CALLERS].authenticate(find_token(inbound.headers, query, slot), label)
+        slot = auth_slot(service.auth_type, service.auth_name)
+        token = find_token(inbound.headers, _query_pairs(inbound.query), slot) or inbound.token
+        callers = app[CALLERS]
+        caller = callers.cached(token, label) or await callers.authenticate(token, label)
         trace.caller = caller
         trace.costs = costs.model_of(service.slug, service.cost_model)
         request[TRACE] = trace
@@ -157,23 +173,28 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
                 request, inbound, service, slot, caller, timing, trace, plan
             )
     except WalletError as exc:
-        count(request, label, exc.status)
+        count(request, label, exc.status, inbound.mode)
         if label != UNKNOWN_SERVICE:
             settle(request, trace, label, exc.status, timing)
-            record(request, inbound, label, exc.status, started, timing, trace, Decimal(0))
+            record(request, inbound, label, exc.status, started, timing, trace, ZERO)
         raise
     except BaseException:  # the client went away (the handler is cancelled), or a bug
         if label != UNKNOWN_SERVICE:
-            count(request, label, CLIENT_GONE)
+            count(request, label, CLIENT_GONE, inbound.mode)
             cost = settle(request, trace, label, CLIENT_GONE, timing)
             record(request, inbound, label, CLIENT_GONE, started, timing, trace, cost)
         raise
     finally:
         release_leases(request)  # the upstream exchange is over, however it ended
-    account(request, label, response, started, timing)
+    account(request, label, response, started, timing, inbound.mode)
     cost = settle(request, trace, label, response.status, timing)
     record(request, inbound, label, response.status, started, timing, trace, cost)
     return response
+
+
+def _query_pairs(raw: str) -> Iterator[tuple[str, str]]:
+    """The query's parameters, parsed only if asked for (a token in a header is found first)."""
+    yield from parse_qsl(raw, keep_blank_values=True)
 
 
 def admission(request: web.Request, caller: Caller, model: CostModel | None) -> Plan | None:
@@ -255,7 +276,7 @@ def settle(
     answered with an error; the hold when what it cost cannot be known: a token-priced answer
     without `usage`, or a client that went away after the upstream was called."""
     model = trace.costs
-    cost = Decimal(0)
+    cost = ZERO
     if model is not None and timing.upstream_started:
         if status == CLIENT_GONE:
             cost = model.hold
@@ -290,20 +311,18 @@ def record(
     """One usage record per request for a known service (an append to the writer's buffer)."""
     caller = trace.caller
     bytes_in = len(inbound.body) if inbound.body is not None else request.content_length or 0
-    request.app[USAGE].add(
-        UsageRecord(
-            at=datetime.now(UTC),
-            service=service,
-            key_id=trace.key_id,
-            token_id=caller.token_id if caller else None,
-            user_id=caller.owner_id if caller else None,
-            status=status,
-            latency_ms=round((asyncio.get_running_loop().time() - started) * 1000, 3),
-            bytes_in=bytes_in,
-            bytes_out=timing.bytes_out,
-            cost=cost,
-            fallbacks=trace.fallbacks,
-        )
+    request.app[USAGE].take(
+        service,
+        trace.key_id,
+        caller.token_id if caller else None,
+        caller.owner_id if caller else None,
+        status,
+        (asyncio.get_running_loop().time() - started) * 1000,
+        bytes_in,
+        timing.bytes_out,
+        cost,
+        trace.fallbacks,
+        inbound.mode,
     )
 
 
@@ -340,7 +359,7 @@ async def _with_failover(
     app = request.app
     tried: set[str] = set()
     while True:
-        if tried:
+        if tried or plan is None:  # no client limit to check along with the first pick
             key, alternatives = await pick_key(request, service, caller, tried)
         else:
             key, alternatives = await first_pick(request, service, caller, trace, plan)
@@ -403,14 +422,23 @@ async def pick_key(
     """The best key the caller may use that is not resting, not already tried and has quota
     left, charged for this request; and whether another candidate remains after it."""
     app = request.app
-    mine = allowed(await app[KEYPOOL].usable(service.slug), caller.owner_id, caller.owner_is_admin)
+    keypool = app[KEYPOOL]
+    keys = keypool.peek(service.slug)
+    if keys is None:
+        keys = await keypool.usable(service.slug)
+    mine = allowed(keys, caller.owner_id, caller.owner_is_admin)
     if not mine:
         raise NoKey(service.slug)
     cooldowns = app[COOLDOWNS]
-    resting = [cooldowns.resting(k.id) for k in mine]
-    usable = [k for k, rest in zip(mine, resting, strict=True) if not rest and k.id not in tried]
+    usable: list[UsableKey] = []
+    waits: list[float] = []  # the resting keys' rests
+    for k in mine:
+        rest = cooldowns.resting(k.id)
+        if rest:
+            waits.append(rest)
+        elif k.id not in tried:
+            usable.append(k)
     if not usable:
-        waits = [rest for rest in resting if rest]
         raise KeysResting(service.slug, math.ceil(min(waits)) if waits else 1)
     session = request.headers.get(SESSION_HEADER)
     sticky = app[STICKY]
@@ -477,7 +505,6 @@ def build_outbound(
     key: UsableKey,
     fallbacks: int = 0,
 ) -> tuple[Outbound, BodyGuard | None]:
-    settings = request.app[SETTINGS]
     url = routing.upstream_url(
         service.base_url, inbound.path, upstream_query(inbound.query, slot, key.secret)
     )
@@ -485,6 +512,7 @@ def build_outbound(
     guard = None
     body: bytes | AsyncIterator[bytes] | None = inbound.body
     if inbound.stream_body and request.body_exists:
+        settings = request.app[SETTINGS]
         limit = settings.gateway_max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             raise PayloadTooLarge(f"request body over {limit} bytes")
@@ -510,8 +538,8 @@ def build_outbound(
     return outbound, guard
 
 
-def count(request: web.Request, service: str, status: int) -> None:
-    request.app[METRICS].proxied.inc({"service": service, "status": f"{status // 100}xx"})
+def count(request: web.Request, service: str, status: int, mode: str) -> None:
+    request.app[METRICS].proxied.tally((service, status_class(status), mode))
 
 
 def account(
@@ -520,13 +548,14 @@ def account(
     response: web.StreamResponse,
     started: float,
     timing: Timing,
+    mode: str,
 ) -> None:
-    count(request, service, response.status)
     metrics = request.app[METRICS]
-    labels = {"service": service}
+    metrics.proxied.tally((service, status_class(response.status), mode))
     if timing.upstream_headers:
-        metrics.upstream_latency.observe(labels, timing.upstream_headers - timing.upstream_started)
+        labels = (service,)
+        metrics.upstream_latency.record(labels, timing.upstream_headers - timing.upstream_started)
         overhead = (timing.upstream_started - started) + (
             timing.client_prepared - timing.upstream_headers
         )
-        metrics.overhead.observe(labels, max(overhead, 0.0))
+        metrics.overhead.record(labels, max(overhead, 0.0))

@@ -14,6 +14,7 @@ from typing import Final
 import structlog
 
 from gateway import audit
+from gateway.ca import ca_aad
 from gateway.db import Pool
 from gateway.errors import VaultSealed
 from gateway.keys import FINGERPRINT_NS
@@ -27,7 +28,11 @@ WHERE kid <> $1 AND id > $2 ORDER BY id LIMIT $3"""
 SWAP: Final = """UPDATE api_keys SET kid = $2, sealed = $3, fingerprint = $4
 WHERE id = $1 AND kid = $5 AND sealed = $6"""
 RETIRE_CANARIES: Final = """DELETE FROM vault_canaries c WHERE c.kid <> $1
-AND NOT EXISTS (SELECT 1 FROM api_keys k WHERE k.kid = c.kid) RETURNING kid"""
+AND NOT EXISTS (SELECT 1 FROM api_keys k WHERE k.kid = c.kid)
+AND NOT EXISTS (SELECT 1 FROM certificate_authorities a WHERE a.kid = c.kid) RETURNING kid"""
+CA_PENDING: Final = "SELECT id, kid, sealed FROM certificate_authorities WHERE kid <> $1"
+CA_SWAP: Final = """UPDATE certificate_authorities SET kid = $2, sealed = $3
+WHERE id = $1 AND kid = $4 AND sealed = $5"""
 
 Progress = Callable[[int, int], None]
 
@@ -81,6 +86,19 @@ async def reseal_all(
         # Rows re-sealed by their own writers (or deleted) meanwhile left the pending set
         # unseen; the pass is complete, so the last report says so (the CLI ends its line).
         progress(total, total)
+    # The forward proxy's CA keys (gateway/ca.py), active and retired alike.
+    for row in await pool.fetch(CA_PENDING, current):
+        old = Sealed(row["kid"], bytes(row["sealed"]))
+        aad = ca_aad(str(row["id"]))
+        try:
+            der = vault.open_bytes(old, aad)
+        except VaultError:
+            failed.append(f"ca:{row['id']}")
+            log.error("reseal_failed", ca_id=str(row["id"]), kid=old.kid)
+            continue
+        new = vault.seal_bytes_unchecked(der, aad)
+        await pool.execute(CA_SWAP, row["id"], new.kid, new.blob, old.kid, old.blob)
+        done += 1
     async with pool.acquire() as conn, conn.transaction():
         retired = tuple(r["kid"] for r in await conn.fetch(RETIRE_CANARIES, current))
         await audit.append(

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 from urllib.parse import unquote
 
 from yarl import URL
@@ -26,8 +25,7 @@ class BadPath(BadRequest):
     code = "bad_path"
 
 
-@dataclass(frozen=True)
-class Target:
+class Target(NamedTuple):
     """A request's service slug and the raw (still percent-encoded) path after it."""
 
     service: str
@@ -46,6 +44,20 @@ def split(raw_path: str) -> Target | None:
 
 def check_path(raw: str) -> str:
     """Refuse dot segments (encoded or not), backslashes and control characters."""
+    if (
+        "%" not in raw
+        and "/." not in raw
+        and not raw.startswith((".", "//"))
+        and "\\" not in raw
+        and raw.isprintable()
+    ):
+        # Nothing encoded, no segment starting with a dot, no backslash, no control
+        # character (none is printable): `_check_all` would pass it as it is.
+        return raw
+    return _check_all(raw)
+
+
+def _check_all(raw: str) -> str:
     # An upstream may decode %2F into a separator before resolving dot segments.
     as_segments = re.sub("%2f", "/", raw, flags=re.IGNORECASE)
     if _DOT_SEGMENT.search(as_segments) or _FORBIDDEN.search(raw):
@@ -55,20 +67,32 @@ def check_path(raw: str) -> str:
     return raw
 
 
+class _Base(NamedTuple):
+    scheme: str
+    host: str
+    port: int | None
+    path: str  # without a trailing slash
+    bare: str  # the path alone, when the request has none
+
+
 @functools.lru_cache(maxsize=1024)
-def _parsed(base_url: str) -> URL:
-    return URL(base_url)
+def _parsed(base_url: str) -> _Base:
+    url = URL(base_url)
+    return _Base(
+        url.scheme, url.raw_host or "", url.explicit_port, url.raw_path.rstrip("/"),
+        url.raw_path or "/",
+    )  # fmt: skip
 
 
 def upstream_url(base_url: str, raw_path: str, raw_query: str) -> URL:
     """`base_url` + path + query, on the base URL's host whatever the path holds."""
     base = _parsed(base_url)
     path = check_path(raw_path)
-    joined = base.raw_path.rstrip("/") + path if path else base.raw_path or "/"
+    joined = base.path + path if path else base.bare
     return URL.build(
         scheme=base.scheme,
-        host=base.raw_host or "",
-        port=base.explicit_port,
+        host=base.host,
+        port=base.port,
         path=joined or "/",
         query_string=raw_query,
         encoded=True,

@@ -95,6 +95,9 @@ def arrange(
     group: the oldest first, or for `weighted` a random order where each key comes first with
     a chance proportional to its weight (Efraimidis-Spirakis: sort by u ** (1 / weight))."""
 
+    if isinstance(keys, list) and len(keys) == 1:  # the common case: nothing to order
+        return Candidates((keys[0],), (0,))
+
     def group(k: UsableKey) -> tuple[bool, bool, int, int]:
         return (k.id != pinned, demoted(k.id), TIER_ORDER.get(k.tier, 9), -k.priority)
 
@@ -114,7 +117,9 @@ def arrange(
 
 def allowed(keys: Iterable[UsableKey], owner_id: str, owner_is_admin: bool) -> list[UsableKey]:
     """A USER's token draws from that user's keys; an ADMIN's from every key."""
-    return [k for k in keys if owner_is_admin or k.owner_id == owner_id]
+    if owner_is_admin:
+        return list(keys)
+    return [k for k in keys if k.owner_id == owner_id]
 
 
 class Stickiness:

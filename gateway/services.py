@@ -77,7 +77,14 @@ BUILTINS: Final = (
         "https://maps.googleapis.com",
         "query",
         "key",
-        ("maps.googleapis.com",),
+        # The SDK calls these hosts directly for some APIs (roads, geolocation, address
+        # validation): served in forward-proxy mode too.
+        (
+            "maps.googleapis.com",
+            "roads.googleapis.com",
+            "www.googleapis.com",
+            "addressvalidation.googleapis.com",
+        ),
         True,
     ),
 )

@@ -51,6 +51,18 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     Setting("GATEWAY_PORT", "6789", "Gateway (data plane) port."),
     Setting("ADMIN_PORT", "6790", "Admin API port."),
     Setting(
+        "FORWARD_PROXY_PORT",
+        "6791",
+        "Forward-proxy port (`HTTPS_PROXY=http://wallet:TOKEN@HOST:6791`), served by "
+        "`wallet gateway` and `wallet run`.",
+    ),
+    Setting(
+        "UPSTREAM_CA_BUNDLE",
+        "",
+        "PEM file of CA certificates that upstream TLS certificates are verified against "
+        "instead of the system trust store (for private upstreams and tests).",
+    ),
+    Setting(
         "WALLET_DATA_DIR",
         "./.wallet",
         "Folder for embedded servers' data and generated secrets (`secrets.env`, mode 0600).",
@@ -158,6 +170,8 @@ class Settings:
     host: str = "127.0.0.1"
     gateway_port: int = 6789
     admin_port: int = 6790
+    forward_proxy_port: int = 6791
+    upstream_ca_bundle: Path | None = None
     data_dir: Path = Path(".wallet")
     jwt_expires_in_s: int = 3600
     admin_password: Secret[str] | None = None
@@ -202,6 +216,8 @@ class Settings:
             host=get.text("HOST") or "127.0.0.1",
             gateway_port=get.port("GATEWAY_PORT"),
             admin_port=get.port("ADMIN_PORT"),
+            forward_proxy_port=get.port("FORWARD_PROXY_PORT"),
+            upstream_ca_bundle=get.file("UPSTREAM_CA_BUNDLE"),
             data_dir=Path(get.text("WALLET_DATA_DIR") or ".wallet"),
             jwt_expires_in_s=get.duration("JWT_EXPIRES_IN"),
             admin_password=_secret_or_none(admin_password),
@@ -270,6 +286,15 @@ class _Reader:
         if match is None or int(match[1]) == 0:
             raise SettingsError(f"{name} must be a positive duration like 3600, 15m, 1h or 7d")
         return int(match[1]) * _UNIT_S[match[2]]
+
+    def file(self, name: str) -> Path | None:
+        value = self.text(name)
+        if not value:
+            return None
+        path = Path(value)
+        if not path.is_file():
+            raise SettingsError(f"{name} must name a readable file")
+        return path
 
     def tiers(self, name: str) -> dict[str, int]:
         """`free=600,pro=6000,admin=0`: requests per minute by tier name (0: unlimited)."""

@@ -6,8 +6,10 @@ and the error's type only.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Final
 
 import aiohttp
@@ -15,35 +17,32 @@ from aiohttp import web
 
 from gateway.appkeys import SETTINGS
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.hothttp import HotHTTP, UpstreamBrokenError, UpstreamError, UpstreamTimeoutError
 
-SESSION = web.AppKey("upstream_session", aiohttp.ClientSession)
+CLIENT = web.AppKey("upstream_client", HotHTTP)
 CONNECTION_LIMIT: Final = 1000
 
 
-def timeout_for(app: web.Application) -> aiohttp.ClientTimeout:
-    s = app[SETTINGS]
-    return aiohttp.ClientTimeout(
-        total=s.upstream_total_timeout_s,
-        sock_connect=s.upstream_connect_timeout_s,
-        sock_read=s.upstream_read_timeout_s,
-    )
+def tls_context(bundle: Path | None) -> ssl.SSLContext:
+    """Upstream certificates are verified (hostname included) against the system trust
+    store, or UPSTREAM_CA_BUNDLE's certificates instead."""
+    return ssl.create_default_context(cafile=str(bundle) if bundle else None)
 
 
 async def session_ctx(app: web.Application) -> AsyncIterator[None]:
-    connector = aiohttp.TCPConnector(
-        limit=CONNECTION_LIMIT, ttl_dns_cache=300, enable_cleanup_closed=True
-    )
-    app[SESSION] = session = aiohttp.ClientSession(
-        connector=connector,
-        timeout=timeout_for(app),
-        auto_decompress=True,
-        # Never read proxy settings or .netrc from the environment: a key goes only to the
-        # service's own host.
-        trust_env=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
+    """The pooled upstream client (gateway/hothttp.py): keep-alive, timeouts, TLS verified,
+    gzip/deflate decoded (echoes of the key are scrubbed from decoded bytes), no proxies
+    from the environment, no cookies, no redirects followed."""
+    s = app[SETTINGS]
+    app[CLIENT] = client = HotHTTP(
+        s.upstream_connect_timeout_s,
+        s.upstream_read_timeout_s,
+        s.upstream_total_timeout_s,
+        limit_per_host=CONNECTION_LIMIT,
+        ssl_context=tls_context(s.upstream_ca_bundle),
     )
     yield
-    await session.close()
+    await client.close()
 
 
 @contextmanager
@@ -52,8 +51,12 @@ def upstream_errors(service: str) -> Iterator[None]:
     # with it, into tracebacks and logs. The type is enough to diagnose.
     try:
         yield
-    except (TimeoutError, aiohttp.ServerTimeoutError):
+    except (TimeoutError, aiohttp.ServerTimeoutError, UpstreamTimeoutError):
         raise UpstreamTimeout(f"{service} did not answer in time") from None
+    except UpstreamBrokenError:
+        raise UpstreamUnavailable(f"{service} sent a broken response") from None
+    except UpstreamError as exc:
+        raise UpstreamUnavailable(f"cannot reach {service} ({type(exc).__name__})") from None
     except aiohttp.ClientPayloadError:
         raise UpstreamUnavailable(f"{service} sent a broken response") from None
     except (aiohttp.ClientError, OSError) as exc:

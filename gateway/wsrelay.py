@@ -22,7 +22,7 @@ from gateway.appkeys import SETTINGS
 from gateway.errors import WalletError
 from gateway.forward import Outbound, Timing
 from gateway.inject import redact, redact_bytes, response_headers
-from gateway.upstream import upstream_errors
+from gateway.upstream import tls_context, upstream_errors
 
 log = structlog.get_logger(__name__)
 
@@ -84,6 +84,7 @@ async def session_ctx(app: web.Application) -> AsyncIterator[None]:
         trust_env=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         middlewares=(_no_redirects,),
+        connector=aiohttp.TCPConnector(ssl=tls_context(s.upstream_ca_bundle)),
     )
     yield
     await session.close()

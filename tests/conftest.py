@@ -42,6 +42,7 @@ TABLES = (
     "services",
     "usage_records",
     "usage_hourly",
+    "certificate_authorities",
 )
 
 

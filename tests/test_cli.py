@@ -67,6 +67,7 @@ def start_wallet(
         WALLET_DATA_DIR=str(data_dir),
         GATEWAY_PORT="0",
         ADMIN_PORT="0",
+        FORWARD_PROXY_PORT="0",
         WALLET_ADMIN_PASSWORD=password,
         LOG_LEVEL="info",
     )

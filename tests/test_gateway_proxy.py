@@ -247,7 +247,7 @@ async def test_metrics_count_requests_by_service_and_status_class(wired: Wired) 
     assert (await wired.gateway.get("/no-such-service-xyz/v1", headers=ok)).status == 404
     text = await (await wired.gateway.get("/monitoring/metrics")).text()
     samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#"))
-    proxied = 'wallet_proxied_requests_total{app="gateway",service="%s",status="%s"}'
+    proxied = 'wallet_proxied_requests_total{app="gateway",mode="reverse",service="%s",status="%s"}'
     assert samples[proxied % ("openai", "2xx")] == "2"
     assert samples[proxied % ("openai", "4xx")] == "1"
     # A slug nobody configured is never a label value (clients can't grow the series).

@@ -166,5 +166,8 @@ async def test_openai_sdk_raises_its_rate_limit_error_without_hammering(
     assert seen == [429]
     text = await (await gateway_client.get("/monitoring/metrics")).text()
     # One success and one refusal: the SDK did not retry the 429 (x-should-retry: false).
-    assert 'wallet_proxied_requests_total{app="gateway",service="openai",status="4xx"} 1' in text
+    refused = (
+        'wallet_proxied_requests_total{app="gateway",mode="reverse",service="openai",status="4xx"}'
+    )
+    assert f"{refused} 1" in text
     assert len(upstream.seen) == 1

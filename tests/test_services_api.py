@@ -58,8 +58,14 @@ async def test_lists_the_four_builtins(admin_client: Client, as_alice: dict[str,
         assert item["name"]
         assert item["base_url"] == base_url
         assert item["auth"] == auth
-        assert item["hosts"] == [host]
+        assert item["hosts"][0] == host
         assert item["builtin"] is True
+    assert by_slug["googlemaps"]["hosts"] == [
+        "maps.googleapis.com",
+        "roads.googleapis.com",
+        "www.googleapis.com",
+        "addressvalidation.googleapis.com",
+    ]
 
     resp = await admin_client.get("/services?limit=1&offset=1", headers=as_alice)
     page = await resp.json()

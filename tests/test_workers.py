@@ -83,6 +83,7 @@ def group(
         ENCRYPTION_KEY=random_master_key_b64(),
         WALLET_ADMIN_PASSWORD="workers-test-password",
         GATEWAY_PORT=str(port),
+        FORWARD_PROXY_PORT=str(free_port()),
         LOG_LEVEL="warning",
     )
     with output.open("wb") as out:
