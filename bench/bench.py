@@ -3,8 +3,9 @@
 Everything runs on loopback, as separate processes: a fake upstream (nginx for the JSON body
 when it is on PATH, else aiohttp; aiohttp always for the event stream), a bare pass-through
 proxy (the floor for an aiohttp proxy), the real gateway (`wallet gateway`, configured
-through the admin API) and the load generator (`wrk` for JSON when on PATH, else Python
-worker processes). Each round measures every target in every scenario, alternating, so a
+through the admin API; also through its forward-proxy port, TLS on both sides: the client's
+tunnel and the upstream) and the load generator (`wrk` for JSON when on PATH, else Python
+worker processes; always Python through the forward proxy, which wrk cannot use). Each round measures every target in every scenario, alternating, so a
 noisy moment hits all of them; the table shows medians over the rounds.
 
 Knobs: BENCH_SECONDS (per measurement; default: fit ~2 minutes of measuring), BENCH_ROUNDS
