@@ -77,7 +77,9 @@ async def create(request: web.Request) -> web.Response:
         cost_model=changes.get("cost_model"),
     )
     async with request.app[POOL].acquire() as conn:
-        created = await services.create_service(conn, user.actor(source(request)), service)
+        created = await services.create_service(
+            conn, user.actor(source(request)), service, hosts_given="hosts" in changes
+        )
     await invalidation.publish(request.app[REDIS], "service", created.slug)
     return web.json_response(created.to_json(), status=201)
 

@@ -5,8 +5,9 @@ when it is on PATH, else aiohttp; aiohttp always for the event stream), a bare p
 proxy (the floor for an aiohttp proxy), the real gateway (`wallet gateway`, configured
 through the admin API; also through its forward-proxy port, TLS on both sides: the client's
 tunnel and the upstream) and the load generator (`wrk` for JSON when on PATH, else Python
-worker processes; always Python through the forward proxy, which wrk cannot use). Each round measures every target in every scenario, alternating, so a
-noisy moment hits all of them; the table shows medians over the rounds.
+worker processes; always Python through the forward proxy, which wrk cannot use). Each
+round measures every target in every scenario, alternating, so a noisy moment hits all of
+them; the table shows medians over the rounds.
 
 Knobs: BENCH_SECONDS (per measurement; default: fit ~2 minutes of measuring), BENCH_ROUNDS
 (default 3), BENCH_NO_WRK=1 / BENCH_NO_NGINX=1 (use the Python load generator / the aiohttp

@@ -94,13 +94,18 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
         keypool.invalidate(kind, target_id)
         if kind == "service":
             catalog.invalidate()
-        if kind == "ca":
-            tasks.spawn(app, "ca-reload", app[AUTHORITIES].reload())
+        if kind == "ca" and (authorities := app.get(AUTHORITIES)) is not None:
+            tasks.spawn(app, "ca-reload", authorities.reload())
 
     def on_reset() -> None:
         callers.clear()
         keypool.clear()
         catalog.invalidate()
+        # A `wallet ca rotate` announced while we were not listening: load the CA again
+        # (not yet there on the first subscription: authorities_ctx runs after this one).
+        authorities = app.get(AUTHORITIES)
+        if authorities is not None:
+            tasks.spawn(app, "ca-reload", authorities.reload())
 
     tasks.spawn(app, "catalog-refresh", catalog.keep_fresh())
     tasks.spawn(app, "keypool-refresh", keypool.keep_fresh())

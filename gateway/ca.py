@@ -35,7 +35,7 @@ from gateway import audit
 from gateway.appkeys import POOL, VAULT
 from gateway.db import DB_ERRORS, Connection, Pool
 from gateway.errors import NotFound, VaultSealed
-from gateway.vault import Sealed, Vault
+from gateway.vault import Sealed, Vault, VaultError
 
 log = structlog.get_logger(__name__)
 
@@ -216,6 +216,27 @@ class Authority:
         return _Leaf(_server_context(host, cert, self.cert, self._leaf_key), not_after)
 
 
+def _load_chain(context: ssl.SSLContext, pem: bytes) -> None:
+    """The ssl module loads certificates only from files: an anonymous in-memory file where
+    the system has them (never on disk), else a private folder, removed at once."""
+    if hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir():
+        fd = os.memfd_create("wallet-leaf", os.MFD_CLOEXEC)
+        try:
+            view = memoryview(pem)
+            while view:
+                view = view[os.write(fd, view) :]
+            context.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory(prefix="wallet-leaf-") as folder:
+        path = Path(folder) / "leaf.pem"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(pem)
+        context.load_cert_chain(path)
+
+
 def _server_context(
     host: str,
     leaf: x509.Certificate,
@@ -233,13 +254,7 @@ def _server_context(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    # The ssl module loads certificates only from files: a private folder, removed at once.
-    with tempfile.TemporaryDirectory(prefix="wallet-leaf-") as folder:
-        path = Path(folder) / "leaf.pem"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(chain + key_pem)
-        context.load_cert_chain(path)
+    _load_chain(context, chain + key_pem)
 
     def sni(ssl_object: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> int | None:
         if server_name is None or server_name.lower().rstrip(".") != host:
@@ -276,7 +291,8 @@ class Authorities:
             return
         try:
             self.current = await load(self._pool, self._vault, audit.Actor.system("gateway"))
-        except DB_ERRORS as exc:
+        except (*DB_ERRORS, VaultError, ValueError, TypeError) as exc:
+            # The forward proxy answers 503 meanwhile; the reverse proxy is unaffected.
             log.warning("ca_not_loaded", error=type(exc).__name__)
 
 

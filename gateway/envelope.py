@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any, Final
 from urllib.parse import quote, urlencode
 
@@ -55,6 +56,10 @@ def _endpoint(value: object) -> tuple[str, str]:
     return quote(path, safe=PATH_SAFE), query
 
 
+HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+HEADER_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _headers(value: object) -> CIMultiDict[str]:
     if value is None:
         return CIMultiDict()
@@ -64,8 +69,10 @@ def _headers(value: object) -> CIMultiDict[str]:
         raise ValidationFailed("headers", "must be an object of string values")
     out: CIMultiDict[str] = CIMultiDict()
     for name, v in value.items():
-        if "\r" in v or "\n" in v or "\r" in name or "\n" in name or ":" in name:
-            raise ValidationFailed("headers", "names and values must be single lines")
+        if not HEADER_NAME.fullmatch(name) or HEADER_CONTROL.search(v):
+            raise ValidationFailed(
+                "headers", "names must be HTTP tokens and values single lines of text"
+            )
         # The gateway encodes the body itself: a client's length would truncate it, or leave
         # the upstream waiting for bytes that never come.
         if name.lower() == "content-length":

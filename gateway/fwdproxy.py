@@ -21,6 +21,7 @@ import base64
 import binascii
 import ipaddress
 import json
+import re
 import secrets
 import ssl
 from dataclasses import dataclass, field
@@ -44,12 +45,17 @@ from gateway.services import Service
 
 log = structlog.get_logger(__name__)
 
+_PORT: Final = re.compile(r"[0-9]{1,5}")  # ASCII digits only ("²".isdigit() is True)
 TLS_PORT: Final = 443
 PLAIN_PORT: Final = 80
 MAX_HEAD_BYTES: Final = 16 * 1024
 HEAD_TIMEOUT_S: Final = 30.0
 HANDSHAKE_TIMEOUT_S: Final = 15.0
 REALM: Final = 'Basic realm="API Key Wallet"'
+
+
+class Internal(WalletError):
+    status, code = 500, "internal_error"
 
 
 class HostNotServed(Forbidden):
@@ -95,7 +101,7 @@ def _host_port(authority: str, default_port: int | None) -> tuple[str, int]:
         host, _, port = authority.rpartition(":")
     if not port and default_port is not None:
         port = str(default_port)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if not host or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
         raise BadRequest("malformed proxy target: host:port")
     return host.lower().rstrip("."), int(port)
 
@@ -187,8 +193,21 @@ async def tunneled(request: web.Request, tunnel: Tunnel) -> web.StreamResponse:
         stream_body=True,
         token=token,
         mode="forward",
+        base_url=upstream_base(service, host),
     )
     return await forward(request, inbound)
+
+
+def upstream_base(service: Service, host: str) -> str | None:
+    """Where a request for `host` goes: the service's `base_url`, except when that is the
+    service's own public API host and `host` is another host the service claims (the
+    googlemaps SDK calls roads.googleapis.com directly): then that host, over HTTPS, with
+    the base URL's path. A service pointed elsewhere (a private upstream, a test double)
+    takes everything at its `base_url`."""
+    base = URL(service.base_url)
+    if host == base.host or base.host not in service.hosts:
+        return None
+    return f"https://{host}{base.raw_path.rstrip('/')}"
 
 
 @web.middleware
@@ -252,7 +271,7 @@ class FrontDoor(asyncio.Protocol):
         if self._busy:
             return
         end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
+        if end < 0 or end > MAX_HEAD_BYTES:
             if len(self._buffer) > MAX_HEAD_BYTES:
                 self._refuse(BadRequest("request head too large"))
             return
@@ -293,8 +312,17 @@ class FrontDoor(asyncio.Protocol):
             self._refuse(exc)
         except (ssl.SSLError, ConnectionError, TimeoutError) as exc:
             log.info("forward_proxy_handshake_failed", error=type(exc).__name__)
-            if self._transport is not None:
-                self._transport.close()
+            self._close()
+        except asyncio.CancelledError:  # shutting down
+            self._close()
+            raise
+        except Exception as exc:  # a bug, or a database error nobody expected: never a leak
+            log.error("forward_proxy_failed", error=type(exc).__name__)
+            self._refuse(Internal("internal error"))
+
+    def _close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
 
     async def _tunnel(self, target: str, headers: CIMultiDict[str], rest: bytes) -> None:
         app = self._app

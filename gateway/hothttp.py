@@ -100,6 +100,9 @@ class _Garbage(Exception):
     """Raised from a parser callback: bytes that belong to no request."""
 
 
+_CONTROL: Final = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _request_head(
     method: str, url: URL, headers: Mapping[str, str] | None, length: int | None
 ) -> bytes:
@@ -112,6 +115,11 @@ def _request_head(
     asks_encoding = False
     if headers:
         for name, value in headers.items():
+            # A name is a token and a value holds no control character but tab: nothing an
+            # upstream or a middlebox could read differently (request smuggling on a pool
+            # shared by every user).
+            if not TOKEN.fullmatch(name) or _CONTROL.search(value):
+                raise UpstreamRequestError("a header name or value is not valid HTTP")
             lname = name.lower()
             if lname in CLIENT_OWNED or lname.startswith("proxy-"):
                 continue
@@ -565,6 +573,9 @@ class _Pool:
             raise UpstreamConnectError(f"cannot connect to {self.host} ({name})") from None
         finally:
             self.connecting -= 1
+            # A failed attempt frees its slot: a request queued for one tries its own luck
+            # instead of waiting out its whole timeout.
+            self._wake_one()
         self.conns.add(conn)
         return conn
 

@@ -93,6 +93,7 @@ class Inbound:
     # Forward proxy: the token of the tunnel's CONNECT (used when the request has none).
     token: Secret[str] | None = field(default=None, repr=False)
     mode: str = "reverse"  # which listener took the request: "reverse" or "forward"
+    base_url: str | None = None  # forward proxy: another host the service claims
 
 
 async def reverse(request: web.Request) -> web.StreamResponse:
@@ -155,6 +156,8 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
         catalog = app[CATALOG]
         service = catalog.peek(inbound.service) or await catalog.get(inbound.service)
         label = request[SERVICE] = service.slug
+        if inbound.base_url is not None:
+            service = replace(service, base_url=inbound.base_url)
         slot = auth_slot(service.auth_type, service.auth_name)
         token = find_token(inbound.headers, _query_pairs(inbound.query), slot) or inbound.token
         callers = app[CALLERS]

@@ -206,8 +206,46 @@ async def get_service(conn: Connection, slug: str) -> Service:
     return _from_row(row)
 
 
-async def create_service(conn: Connection, actor: audit.Actor, service: Service) -> Service:
+HOST_CLAIMED: Final = """SELECT slug, h FROM services, unnest(hosts) AS h
+WHERE slug <> $1 AND h = ANY($2::text[]) LIMIT 1"""
+HOSTS_TAKEN: Final = """SELECT DISTINCT h FROM services, unnest(hosts) AS h
+WHERE slug <> $1 AND h = ANY($2::text[])"""
+# Serialises changes to `hosts`: two services can never claim one host.
+HOSTS_LOCK: Final = 0x5E4C
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+async def _refuse_claimed_hosts(conn: Connection, slug: str, hosts: tuple[str, ...]) -> None:
+    """A host is served by one service only (forward-proxy mode picks the service by it)."""
+    if not hosts:
+        return
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", HOSTS_LOCK)
+    row = await conn.fetchrow(HOST_CLAIMED, slug, list(hosts))
+    if row is not None:
+        raise Conflict(f"host {row['h']!r} is already claimed by service {row['slug']!r}")
+
+
+async def create_service(
+    conn: Connection, actor: audit.Actor, service: Service, *, hosts_given: bool = True
+) -> Service:
+    """A custom service. Without `hosts` given, it claims its base URL's host for the
+    forward proxy when that is a name no other service claims (else none: several services
+    may share an upstream host in reverse mode)."""
     async with conn.transaction():
+        if hosts_given:
+            await _refuse_claimed_hosts(conn, service.slug, service.hosts)
+        else:
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", HOSTS_LOCK)
+            named = [h for h in service.hosts if not _is_ip(h)]
+            taken = {r["h"] for r in await conn.fetch(HOSTS_TAKEN, service.slug, named)}
+            service = replace(service, hosts=tuple(h for h in named if h not in taken))
         with unique_is_conflict(f"service {service.slug!r} exists"):
             slug = await conn.fetchval(
                 INSERT,
@@ -242,6 +280,8 @@ async def update_service(
         if row is None:
             raise UnknownService(slug)
         updated = replace(_from_row(row), **changes)
+        if "hosts" in changes:
+            await _refuse_claimed_hosts(conn, slug, updated.hosts)
         await conn.execute(
             UPDATE,
             slug,

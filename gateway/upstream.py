@@ -16,8 +16,14 @@ import aiohttp
 from aiohttp import web
 
 from gateway.appkeys import SETTINGS
-from gateway.errors import UpstreamTimeout, UpstreamUnavailable
-from gateway.hothttp import HotHTTP, UpstreamBrokenError, UpstreamError, UpstreamTimeoutError
+from gateway.errors import BadRequest, UpstreamTimeout, UpstreamUnavailable
+from gateway.hothttp import (
+    HotHTTP,
+    UpstreamBrokenError,
+    UpstreamError,
+    UpstreamRequestError,
+    UpstreamTimeoutError,
+)
 
 CLIENT = web.AppKey("upstream_client", HotHTTP)
 CONNECTION_LIMIT: Final = 1000
@@ -53,6 +59,8 @@ def upstream_errors(service: str) -> Iterator[None]:
         yield
     except (TimeoutError, aiohttp.ServerTimeoutError, UpstreamTimeoutError):
         raise UpstreamTimeout(f"{service} did not answer in time") from None
+    except UpstreamRequestError:  # the client's header would not be valid HTTP upstream
+        raise BadRequest("a header name or value is not valid HTTP") from None
     except UpstreamBrokenError:
         raise UpstreamUnavailable(f"{service} sent a broken response") from None
     except UpstreamError as exc:

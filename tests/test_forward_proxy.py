@@ -11,7 +11,7 @@ import json
 import os
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -629,3 +629,62 @@ async def test_a_rotated_ca_reaches_running_gateways(
         "https://api.openai.com/v1/models",
     )  # fmt: skip
     assert code == 0, err
+
+
+async def raw_head(port: int, head: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    await writer.drain()
+    async with asyncio.timeout(10):
+        answer = await reader.read()  # to EOF: the proxy must close the connection
+    writer.close()
+    return answer
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        "CONNECT api.openai.com:\u00b2 HTTP/1.1\r\n\r\n".encode("latin-1"),  # "²".isdigit()
+        b"CONNECT api.openai.com:443 HTTP/1.1\r\nX: " + b"a" * 40_000 + b"\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: api.openai.com\r\n\r\n",  # origin-form
+        b"CONNECT api.openai.com:443 HTTP/9.9\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\r\n\r\n",  # TLS straight away
+    ],
+)
+async def test_bad_heads_get_an_answer_and_a_closed_connection(proxy: Proxy, head: bytes) -> None:
+    answer = await raw_head(proxy.port, head)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "bad_request"
+
+
+def test_claimed_hosts_of_a_public_service_go_to_that_host() -> None:
+    from gateway.fwdproxy import upstream_base
+    from gateway.services import BUILTINS
+
+    maps = next(s for s in BUILTINS if s.slug == "googlemaps")
+    assert upstream_base(maps, "roads.googleapis.com") == "https://roads.googleapis.com"
+    assert upstream_base(maps, "maps.googleapis.com") is None  # its own base URL
+    moved = replace(maps, base_url="http://127.0.0.1:9000/maps")  # a private upstream
+    assert upstream_base(moved, "roads.googleapis.com") is None
+
+
+async def test_a_host_is_claimed_by_one_service_only(
+    admin_client: TestClient[Any, Any], as_admin: dict[str, str]
+) -> None:
+    resp = await admin_client.put(
+        "/services/stripe", headers=as_admin, json={"hosts": ["api.stripe.com", "api.openai.com"]}
+    )
+    assert resp.status == 409
+    assert "api.openai.com" in (await resp.json())["error"]["message"]
+    resp = await admin_client.post(
+        "/services",
+        headers=as_admin,
+        json={
+            "slug": "thief",
+            "base_url": "https://evil.example",
+            "auth": {"type": "bearer"},
+            "hosts": ["api.openai.com"],
+        },
+    )
+    assert resp.status == 409

@@ -391,7 +391,16 @@ async def test_a_header_with_a_line_break_is_refused_before_sending(
     client: HotHTTP, upstream: tuple[Upstream, URL]
 ) -> None:
     up, base = upstream
-    for headers in ({"X-A": "v\r\nX-Injected: 1"}, {"X-A\nB": "v"}):
+    for headers in (
+        {"X-A": "v\r\nX-Injected: 1"},
+        {"X-A\nB": "v"},
+        {"Transfer-Encoding ": "chunked"},  # whitespace before the colon: smuggling
+        {"Content-Length\t": "5"},
+        {"X a": "v"},
+        {"X-A": "v\x00"},
+        {"X-A": "v\x7f"},
+        {"X\x00": "v"},
+    ):
         with pytest.raises(UpstreamRequestError):
             async with client.request("GET", base / "echo", headers):
                 pass
@@ -1075,3 +1084,24 @@ def test_works_under_uvloop() -> None:
         b"data: two\n\n",
         1,
     ]
+
+
+async def test_requests_queued_behind_a_failed_connect_try_their_own() -> None:
+    """limit_per_host=1 and a refused port: every request fails fast with a connect error,
+    none waits out its whole timeout in the queue."""
+    hot = HotHTTP(2.0, 5.0, 30.0, limit_per_host=1)
+    url = URL(f"http://127.0.0.1:{free_port()}/x")  # nobody listens there
+
+    async def one() -> str:
+        try:
+            async with hot.request("GET", url):
+                return "answered"
+        except UpstreamError as exc:
+            return type(exc).__name__
+
+    try:
+        async with asyncio.timeout(10):
+            outcomes = await asyncio.gather(*(one() for _ in range(3)))
+    finally:
+        await hot.close()
+    assert outcomes == ["UpstreamConnectError"] * 3
