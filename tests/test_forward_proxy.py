@@ -26,6 +26,7 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from admin.cli import make_runner
+from bench.tls import make_certs
 from gateway.app import create_app as create_gateway_app
 from gateway.ca import AUTHORITIES
 from gateway.fwdproxy import ForwardProxySite
@@ -503,56 +504,9 @@ async def test_the_ca_private_key_is_stored_sealed_and_never_leaks(
 
 def upstream_ca_and_cert(tmp_path: Path) -> tuple[Path, ssl.SSLContext]:
     """A private CA (its PEM in a file) and a server context for 127.0.0.1 signed by it."""
-    import datetime as dt
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = dt.datetime.now(dt.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test upstream CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(hours=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    bundle = tmp_path / "upstream-ca.pem"
-    bundle.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    chain = tmp_path / "upstream.pem"
-    chain.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    bundle, cert, key = make_certs(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(chain)
+    context.load_cert_chain(cert, key)
     return bundle, context
 
 
