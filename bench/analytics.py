@@ -381,9 +381,17 @@ async def run(base_db: str, redis_url: str, total: int, calls: int) -> str:
     return report(timings, facts)
 
 
+def _knob(name: str, default: int, least: int) -> int:
+    """A whole-number knob from the environment (the bench's only settings)."""
+    raw = os.environ.get(name) or str(default)
+    if not raw.isascii() or not raw.isdigit() or int(raw) < least:
+        raise SystemExit(f"{name} must be a whole number of at least {least}")
+    return int(raw)
+
+
 def main() -> int:
-    total = int(os.environ.get("ANALYTICS_RECORDS", "10000000"))
-    calls = int(os.environ.get("ANALYTICS_CALLS", "7"))
+    total = _knob("ANALYTICS_RECORDS", 10_000_000, 1)
+    calls = _knob("ANALYTICS_CALLS", 7, 1)
     logs.configure("warning", "console", logs.Redactor())
     base_db, base_redis = os.environ.get("DATABASE_URL"), os.environ.get("REDIS_URL")
     started = None
