@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck migrate seed fuzz format clean bench bench-analytics
+.PHONY: install run test lint typecheck migrate seed fuzz format clean bench bench-analytics deploy docker-build docker-up docker-down docker-logs
 
 install: $(STAMP)
 
@@ -50,6 +50,26 @@ bench: install
 # (see bench/analytics.py); results in bench/analytics-results.md.
 bench-analytics: install
 	$(BIN)/python -m bench.analytics
+
+# Containers (need a Docker engine; `make test` never calls these). See README "Deployment".
+IMAGE ?= api-key-wallet:0.1.0
+COMPOSE ?= docker compose
+
+docker-build:
+	docker build -f deploy/Dockerfile -t $(IMAGE) .
+
+docker-up:
+	$(COMPOSE) up -d --build
+
+docker-down:
+	$(COMPOSE) down
+
+docker-logs:
+	$(COMPOSE) logs -f --tail=200
+
+# Build the image and (re)start the compose stack: migrations first, then the apps.
+deploy: docker-build
+	$(COMPOSE) up -d
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
