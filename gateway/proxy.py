@@ -167,7 +167,11 @@ async def forward(request: web.Request, inbound: Inbound) -> web.StreamResponse:
         request[TRACE] = trace
         plan = admission(request, caller, trace.costs)
         if inbound.stream_body and wsrelay.is_upgrade(request):
-            key, _ = await first_pick(request, service, caller, trace, plan)
+            key, _ = await (
+                pick_key(request, service, caller)
+                if plan is None
+                else first_pick(request, service, caller, trace, plan)
+            )
             trace.key_id = key.id
             outbound, _ = build_outbound(request, inbound, service, slot, key)
             response = await wsrelay.relay(request, outbound, timing)
@@ -242,13 +246,11 @@ async def first_pick(
     service: Service,
     caller: Caller,
     trace: Trace,
-    plan: Plan | None,
+    plan: Plan,
 ) -> tuple[UsableKey, bool]:
     """The client limits' check and the first key's reservation, sent together: one Redis
     round trip for both. Whichever refuses, the other's charge is given back (a key's quota
     charge, a budget's hold), so a refused request spends nothing."""
-    if plan is None:
-        return await pick_key(request, service, caller)
     admitted, picked = await asyncio.gather(
         admit(request, service.slug, plan), pick_key(request, service, caller),
         return_exceptions=True,
