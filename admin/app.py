@@ -10,6 +10,7 @@ from admin import (
     analytics_api,
     audit_api,
     auth,
+    console,
     keys_api,
     openapi,
     services_api,
@@ -28,4 +29,5 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/openapi.json", openapi.serve, name="openapi")
     for module in (keys_api, services_api, tokens_api, users_api, audit_api, analytics_api):
         module.add_routes(app)
+    console.setup(app)
     return app

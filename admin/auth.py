@@ -92,14 +92,9 @@ def _address(request: web.Request) -> str:
     return request.remote or "unknown"
 
 
-async def login(request: web.Request) -> web.Response:
-    body = await read_object(request)
-    reject_unknown(body, {"username", "password"})
-    username, password = body.get("username"), body.get("password")
-    if not isinstance(username, str) or not username or len(username) > 200:
-        raise ValidationFailed("username", "is required")
-    if not isinstance(password, str) or not password or len(password) > 1024:
-        raise ValidationFailed("password", "is required")
+async def verify_login(request: web.Request, username: str, password: str) -> users.User:
+    """The user with these credentials, throttled per username and per address: the one
+    check behind both `POST /auth/login` and the console's login form."""
     await _throttled(request, username)
     async with request.app[POOL].acquire() as conn:
         user = await users.check_password(conn, username, Secret(password))
@@ -114,6 +109,22 @@ async def login(request: web.Request) -> web.Response:
         request.app[METRICS].login_failures.inc({"reason": "bad_credentials"})
         raise Unauthenticated("wrong username or password")
     await request.app[REDIS].delete(rkeys.login_failures_user(username))
+    return user
+
+
+def validate_credentials(username: object, password: object) -> tuple[str, str]:
+    if not isinstance(username, str) or not username or len(username) > 200:
+        raise ValidationFailed("username", "is required")
+    if not isinstance(password, str) or not password or len(password) > 1024:
+        raise ValidationFailed("password", "is required")
+    return username, password
+
+
+async def login(request: web.Request) -> web.Response:
+    body = await read_object(request)
+    reject_unknown(body, {"username", "password"})
+    username, password = validate_credentials(body.get("username"), body.get("password"))
+    user = await verify_login(request, username, password)
     settings = request.app[SETTINGS]
     token, expires_at = issue_token(settings.jwt_secret, user, settings.jwt_expires_in_s)
     return web.json_response(
@@ -134,8 +145,16 @@ async def authenticated(request: web.Request) -> users.User:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("send Authorization: Bearer <token from POST /auth/login>")
     claims = decode_token(request.app[SETTINGS].jwt_secret, token.strip())
+    user = await current_user(request, claims["sub"], claims["iat"])
+    request[USER_KEY] = user
+    return user
+
+
+async def current_user(request: web.Request, subject: object, issued_at: object) -> users.User:
+    """The user a session (a JWT or a console cookie) names, if it may still act: it exists,
+    is enabled, and has not changed its password since `issued_at` (seconds)."""
     try:
-        user_id = uuid.UUID(str(claims["sub"]))
+        user_id = uuid.UUID(str(subject))
     except ValueError:
         raise Unauthenticated("invalid bearer token") from None
     try:
@@ -145,10 +164,8 @@ async def authenticated(request: web.Request) -> users.User:
         raise Unauthenticated("this account no longer exists") from None
     if not user.enabled:
         raise Unauthenticated("this account is disabled")
-    iat = claims["iat"]
-    if isinstance(iat, int | float) and iat < int(user.password_changed_at.timestamp()):
+    if isinstance(issued_at, int | float) and issued_at < int(user.password_changed_at.timestamp()):
         raise Unauthenticated("the password changed since this session began; log in again")
-    request[USER_KEY] = user
     return user
 
 

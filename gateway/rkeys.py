@@ -62,3 +62,8 @@ def in_flight(service: str, key_id: str) -> str:
 def rotation(service: str) -> str:
     """`round_robin` services: when each key was last served (a hash: key id -> turn)."""
     return f"{PREFIX}:{{quota:{service}}}:turns"
+
+
+def console_session(token_digest: str) -> str:
+    """One console login; named by a digest of the cookie, so Redis never holds the cookie."""
+    return f"{PREFIX}:console:session:{token_digest}"

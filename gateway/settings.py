@@ -21,6 +21,7 @@ from yarl import URL
 from gateway.secret import Secret
 
 LogFormat = Literal["json", "console"]
+ConsoleSecureCookie = Literal["auto", "true", "false"]
 SECRETS_FILE: Final = "secrets.env"
 
 
@@ -75,6 +76,22 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     ),
     Setting(
         "JWT_EXPIRES_IN", "1h", "Admin session lifetime: seconds or a number with `s`/`m`/`h`/`d`."
+    ),
+    Setting(
+        "CONSOLE_IDLE_TIMEOUT",
+        "30m",
+        "A web console session ends after this long without a request (a duration).",
+    ),
+    Setting(
+        "CONSOLE_SESSION_LIFETIME",
+        "12h",
+        "A web console session ends this long after its login, busy or not (a duration).",
+    ),
+    Setting(
+        "CONSOLE_SECURE_COOKIE",
+        "auto",
+        "Mark the console's session cookie `Secure`: `auto` (when the admin app is reached "
+        "over TLS), `true` (always; behind a TLS-terminating proxy) or `false`.",
     ),
     Setting(
         "ENCRYPTION_KEY",
@@ -174,6 +191,9 @@ class Settings:
     upstream_ca_bundle: Path | None = None
     data_dir: Path = Path(".wallet")
     jwt_expires_in_s: int = 3600
+    console_idle_timeout_s: int = 1800
+    console_session_lifetime_s: int = 43200
+    console_secure_cookie: ConsoleSecureCookie = "auto"
     admin_password: Secret[str] | None = None
     enable_metrics: bool = True
     enable_rate_limiting: bool = True
@@ -220,6 +240,9 @@ class Settings:
             upstream_ca_bundle=get.file("UPSTREAM_CA_BUNDLE"),
             data_dir=Path(get.text("WALLET_DATA_DIR") or ".wallet"),
             jwt_expires_in_s=get.duration("JWT_EXPIRES_IN"),
+            console_idle_timeout_s=get.duration("CONSOLE_IDLE_TIMEOUT"),
+            console_session_lifetime_s=get.duration("CONSOLE_SESSION_LIFETIME"),
+            console_secure_cookie=get.console_secure_cookie("CONSOLE_SECURE_COOKIE"),
             admin_password=_secret_or_none(admin_password),
             enable_metrics=get.boolean("ENABLE_METRICS"),
             enable_rate_limiting=get.boolean("ENABLE_RATE_LIMITING"),
@@ -315,6 +338,12 @@ class _Reader:
         if value not in allowed:
             raise SettingsError(f"{name} must be one of {', '.join(allowed)}")
         return value
+
+    def console_secure_cookie(self, name: str) -> ConsoleSecureCookie:
+        value = self.choice(name, ("auto", "true", "false", "1", "0", "yes", "no"))
+        if value == "auto":
+            return "auto"
+        return "true" if value in _TRUE else "false"
 
     def url(self, name: str, schemes: tuple[str, ...]) -> Secret[str] | None:
         value = self.text(name)

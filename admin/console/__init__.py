@@ -1,0 +1,151 @@
+"""The web console at `/ui/`: server-rendered pages (aiohttp-jinja2) over the admin API's own
+service functions, with cookie sessions, CSRF on every form, and HTML error pages.
+
+Pages live in one module per noun (`dashboard`, `keys`, `services`, `tokens`, `users`,
+`audit`), on the helpers of `page`; this module wires them up and owns what every page
+shares: the session, the CSRF check on every POST, security headers, login and logout, and
+errors rendered as pages instead of JSON.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, Final
+
+import aiohttp_jinja2
+import jinja2
+from aiohttp import web
+from yarl import URL
+
+from admin import auth
+from admin.console import audit, dashboard, keys, page, services, session, tokens, users
+from admin.console.page import PREFIX, render
+from gateway.errors import Unauthenticated, ValidationFailed, WalletError
+from gateway.middleware import REQUEST_ID
+
+HERE: Final = Path(__file__).parent
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+# Pages load only their own CSS, scripts and images: no inline script can run, so markup
+# that slipped past escaping could not act either.
+HEADERS: Final = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self' data:; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    # Unlike the API's no-referrer: browsers then send a real Origin with same-origin forms.
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    path = request.path
+    if not path.startswith(PREFIX + "/") or path.startswith(PREFIX + "/static/"):
+        return await handler(request)
+    try:
+        await session.load(request)
+        if request.method not in SAFE_METHODS:
+            await session.check_csrf(request)
+        response = await handler(request)
+    except Unauthenticated as exc:
+        response = _to_login(request, exc.message)
+    except WalletError as exc:
+        response = _error_page(request, exc.status, exc.message)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            response = _error_page(request, exc.status, exc.reason)
+            _secure_headers(response)
+            return response
+        _secure_headers(exc)
+        raise
+    _secure_headers(response)
+    return response
+
+
+def _secure_headers(response: web.StreamResponse) -> None:
+    for name, value in HEADERS.items():
+        response.headers[name] = value
+
+
+def _to_login(request: web.Request, message: str) -> web.Response:
+    if request.method in SAFE_METHODS:
+        target = URL(f"{PREFIX}/login").with_query(next=request.path_qs)
+        return page.redirect(str(target), message)
+    return _error_page(request, 401, message)
+
+
+def _error_page(request: web.Request, status: int, message: str) -> web.Response:
+    context = {"status": status, "message": message, "request_id": request.get(REQUEST_ID, "")}
+    return render(request, "error.html", context, status=status)
+
+
+def _safe_next(raw: object) -> str:
+    """Only a console path: a `next` naming another site would make login an open redirect."""
+    if (
+        isinstance(raw, str)
+        and raw.startswith(PREFIX + "/")
+        and "\\" not in raw
+        and URL(raw).host is None
+    ):
+        return raw
+    return f"{PREFIX}/"
+
+
+def _login_page(request: web.Request, context: dict[str, Any], status: int = 200) -> web.Response:
+    nonce = session.login_nonce(request)
+    context = {**context, "login_csrf": session.csrf_token(request, nonce)}
+    response = render(request, "login.html", context, status=status)
+    session.keep_login_nonce(request, response, nonce)
+    return response
+
+
+async def login_form(request: web.Request) -> web.Response:
+    target = _safe_next(request.query.get("next"))
+    if session.SESSION_KEY in request:
+        return page.redirect(target)
+    return _login_page(request, {"next": target, "error": "", "username": ""})
+
+
+async def login(request: web.Request) -> web.Response:
+    form = await request.post()
+    username, password = form.get("username"), form.get("password")
+    target = _safe_next(form.get("next"))
+    try:
+        name, secret = auth.validate_credentials(username, password)
+        account = await auth.verify_login(request, name, secret)
+    except (ValidationFailed, Unauthenticated) as exc:
+        context = {
+            "next": target,
+            "error": page.field_errors(exc).popitem()[1],
+            "username": username if isinstance(username, str) else "",
+        }
+        return _login_page(request, context, 422 if isinstance(exc, ValidationFailed) else 401)
+    response = page.redirect(target)
+    await session.start(request, response, account.id)
+    return response
+
+
+async def logout(request: web.Request) -> web.Response:
+    response = page.redirect(f"{PREFIX}/login", "Signed out.")
+    await session.end(request, response)
+    return response
+
+
+def setup(app: web.Application) -> None:
+    """Templates, the console middleware, static files and every page's routes."""
+    aiohttp_jinja2.setup(
+        app,
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=jinja2.select_autoescape(default=True, default_for_string=True),
+        undefined=jinja2.StrictUndefined,
+    )
+    app.middlewares.append(middleware)
+    app.router.add_get(f"{PREFIX}/login", login_form, name="ui.login")
+    app.router.add_post(f"{PREFIX}/login", login, name="ui.login.submit")
+    app.router.add_post(f"{PREFIX}/logout", logout, name="ui.logout")
+    app.router.add_static(f"{PREFIX}/static", HERE / "static", name="ui.static")
+    for module in (dashboard, keys, services, tokens, users, audit):
+        module.add_routes(app)

@@ -1,0 +1,9 @@
+"""Console pages for users (being built)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+def add_routes(app: web.Application) -> None:
+    """No pages yet."""
