@@ -48,6 +48,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
         "Redis URL (`redis://`, `rediss://`). Unset: an embedded Redis "
         "is started under `WALLET_DATA_DIR`.",
     ),
+    Setting(
+        "REDIS_CLUSTER",
+        "false",
+        "`REDIS_URL` names one node of a Redis Cluster: the apps discover the others and "
+        "route every command by its key's slot.",
+    ),
     Setting("HOST", "127.0.0.1", "Address both apps listen on."),
     Setting("GATEWAY_PORT", "6789", "Gateway (data plane) port."),
     Setting("ADMIN_PORT", "6790", "Admin API port."),
@@ -76,6 +82,12 @@ SETTINGS: Final[tuple[Setting, ...]] = (
     ),
     Setting(
         "JWT_EXPIRES_IN", "1h", "Admin session lifetime: seconds or a number with `s`/`m`/`h`/`d`."
+    ),
+    Setting(
+        "PUBLIC_GATEWAY_URL",
+        "",
+        "The gateway's address as applications reach it, used in the console's copy-ready "
+        "snippets (empty: `http://HOST:GATEWAY_PORT`).",
     ),
     Setting(
         "CONSOLE_IDLE_TIMEOUT",
@@ -191,6 +203,8 @@ class Settings:
     upstream_ca_bundle: Path | None = None
     data_dir: Path = Path(".wallet")
     jwt_expires_in_s: int = 3600
+    redis_cluster: bool = False
+    public_gateway_url: str = ""
     console_idle_timeout_s: int = 1800
     console_session_lifetime_s: int = 43200
     console_secure_cookie: ConsoleSecureCookie = "auto"
@@ -213,6 +227,11 @@ class Settings:
     log_level: str = "info"
     log_format: LogFormat = "json"
     embedded: bool = field(default=False, compare=False)
+
+    @property
+    def gateway_url(self) -> str:
+        """Where applications reach the gateway (for snippets shown to users)."""
+        return self.public_gateway_url or f"http://{self.host}:{self.gateway_port}"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
@@ -240,6 +259,8 @@ class Settings:
             upstream_ca_bundle=get.file("UPSTREAM_CA_BUNDLE"),
             data_dir=Path(get.text("WALLET_DATA_DIR") or ".wallet"),
             jwt_expires_in_s=get.duration("JWT_EXPIRES_IN"),
+            redis_cluster=get.boolean("REDIS_CLUSTER"),
+            public_gateway_url=get.public_url("PUBLIC_GATEWAY_URL"),
             console_idle_timeout_s=get.duration("CONSOLE_IDLE_TIMEOUT"),
             console_session_lifetime_s=get.duration("CONSOLE_SESSION_LIFETIME"),
             console_secure_cookie=get.console_secure_cookie("CONSOLE_SECURE_COOKIE"),
@@ -338,6 +359,18 @@ class _Reader:
         if value not in allowed:
             raise SettingsError(f"{name} must be one of {', '.join(allowed)}")
         return value
+
+    def public_url(self, name: str) -> str:
+        value = self.text(name)
+        if not value:
+            return ""
+        try:
+            parsed = URL(value)
+        except (ValueError, TypeError):
+            raise SettingsError(f"{name} must be an http(s) URL") from None
+        if parsed.scheme not in ("http", "https") or not parsed.host or parsed.query_string:
+            raise SettingsError(f"{name} must be an http(s) URL without a query")
+        return value.rstrip("/")
 
     def console_secure_cookie(self, name: str) -> ConsoleSecureCookie:
         value = self.choice(name, ("auto", "true", "false", "1", "0", "yes", "no"))
