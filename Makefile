@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install run test lint typecheck migrate seed fuzz format clean bench bench-analytics deploy docker-build docker-up docker-down docker-logs
+.PHONY: install run test lint typecheck migrate seed fuzz format clean bench bench-analytics screenshots deploy docker-build docker-up docker-down docker-logs
 
 install: $(STAMP)
 
@@ -41,6 +41,11 @@ seed: install
 # Fuzz the admin API of a running `make run` from its OpenAPI document (see README).
 fuzz: install
 	$(BIN)/python -m pytest -q tests/test_fuzz.py $(PYTEST_ARGS)
+
+# Redraw the console's pictures (docs/console-*.png) in headless Chromium, from a test database
+# (needs chromium and chromium-driver, as the browser tests do).
+screenshots: install
+	WALLET_SCREENSHOTS=1 WALLET_REQUIRE_BROWSER=1 $(BIN)/python -m pytest -q tests/test_console_browser.py -k screenshots $(PYTEST_ARGS)
 
 # Gateway vs a direct call and a bare aiohttp proxy, on loopback (see bench/bench.py).
 bench: install

@@ -162,9 +162,24 @@ def scope_of(request: web.Request, user: User, allowed: frozenset[str], granular
         raise _bad("to", "is too early") from None
     if start > end:
         raise _bad("from", "must not be after `to`")
-    service = query.get("service") or None
-    key, key_ok = _id_filter(query.get("key"))
-    asked, user_ok = _id_filter(query.get("user"))
+    return narrowed(
+        user, start, end, granularity, query.get("service"), query.get("key"), query.get("user")
+    )
+
+
+def narrowed(
+    user: User,
+    start: datetime,
+    end: datetime,
+    granularity: str,
+    service: str | None = None,
+    key_filter: str | None = None,
+    user_filter: str | None = None,
+) -> Scope:
+    """[start, end) with the filters as given (raw text), narrowed to what `user` may see."""
+    service = service or None
+    key, key_ok = _id_filter(key_filter)
+    asked, user_ok = _id_filter(user_filter)
     me = uuid.UUID(user.id)
     if not user.is_admin:
         user_ok = user_ok and asked in (None, me)  # another user's usage is never shown
@@ -199,13 +214,13 @@ def _sums(row: Record | None) -> dict[str, Any]:
 
 
 async def _quota_readings(
-    request: web.Request, limits: Sequence[tuple[str, Limit]]
+    app: web.Application, limits: Sequence[tuple[str, Limit]]
 ) -> tuple[str, list[QuotaReading | None]]:
     """Readings of the keys' current windows, or "unavailable" (all null) if Redis is down:
     the overview still answers from PostgreSQL."""
     try:
         async with asyncio.timeout(QUOTA_READ_TIMEOUT_S):
-            readings = await read_quotas(request.app[REDIS], limits, datetime.now(UTC))
+            readings = await read_quotas(app[REDIS], limits, datetime.now(UTC))
     except (RedisError, OSError, TimeoutError):
         return "unavailable", [None] * len(limits)
     return "ok", readings
@@ -262,37 +277,49 @@ def _with_quotas(
     return entries
 
 
-async def overview(request: web.Request) -> web.Response:
-    user = await authenticated(request)
-    scope = scope_of(request, user, OVERVIEW_PARAMS, "hour")
-    top = _top_keys(request)
+async def overview_of(app: web.Application, user: User, scope: Scope, top: int) -> dict[str, Any]:
+    """The overview's body (also what the console's dashboard shows): totals, per service,
+    the `top` keys by requests with their current quota windows."""
     sums: list[Record] = []
     keys: list[Record] = []
     if not scope.nothing:
-        async with request.app[POOL].acquire() as conn:
+        async with app[POOL].acquire() as conn:
             sums, keys = await _overview_rows(conn, scope)
     services = _per_service(sums)
     totals = {name: sum((s[name] for s in services), ZERO[name]) for name in ZERO}
-    entries, limits = _key_entries(
-        sums, keys, request.app[SETTINGS].default_free_quota, user.is_admin
-    )
+    entries, limits = _key_entries(sums, keys, app[SETTINGS].default_free_quota, user.is_admin)
     order = sorted(
         range(len(entries)), key=lambda i: (-entries[i]["requests"], entries[i]["key_id"])
     )
     order = order[:top]
-    state, readings = await _quota_readings(request, [limits[i] for i in order])
+    state, readings = await _quota_readings(app, [limits[i] for i in order])
     for tally in (totals, *services):
         tally["cost"] = money(tally["cost"])
-    return web.json_response(
-        {
-            "from": scope.start.isoformat(),
-            "to": scope.end.isoformat(),
-            "totals": totals,
-            "by_service": services,
-            "by_key": _with_quotas([entries[i] for i in order], readings),
-            "quota_state": state,
-        }
-    )
+    return {
+        "from": scope.start.isoformat(),
+        "to": scope.end.isoformat(),
+        "totals": totals,
+        "by_service": services,
+        "by_key": _with_quotas([entries[i] for i in order], readings),
+        "quota_state": state,
+    }
+
+
+async def overview(request: web.Request) -> web.Response:
+    user = await authenticated(request)
+    scope = scope_of(request, user, OVERVIEW_PARAMS, "hour")
+    top = _top_keys(request)
+    return web.json_response(await overview_of(request.app, user, scope, top))
+
+
+async def series_rows(app: web.Application, scope: Scope, granularity: str) -> list[Record]:
+    """The buckets of `granularity` in the scope that hold usage (`ts`, `requests`, `errors`,
+    `fallbacks`, `cost`), in time order; empty buckets are absent."""
+    if scope.nothing:
+        return []
+    async with app[POOL].acquire() as conn, conn.transaction(readonly=True):
+        await conn.execute(CUSTOM_PLANS)
+        return list(await conn.fetch(SERIES[granularity], *scope.args()))
 
 
 async def usage(request: web.Request) -> web.Response:
@@ -308,11 +335,7 @@ async def usage(request: web.Request) -> web.Response:
             f"the range holds {points} {granularity} buckets, more than {MAX_POINTS}; "
             "narrow from/to or use a coarser granularity",
         )
-    rows: list[Record] = []
-    if not scope.nothing:
-        async with request.app[POOL].acquire() as conn, conn.transaction(readonly=True):
-            await conn.execute(CUSTOM_PLANS)
-            rows = await conn.fetch(SERIES[granularity], *scope.args())
+    rows = await series_rows(request.app, scope, granularity)
     return web.json_response(
         {
             "granularity": granularity,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from aiohttp import web
 
 from admin.auth import admin_only
@@ -10,20 +13,29 @@ from gateway import audit
 from gateway.appkeys import POOL
 
 
+async def find(
+    request: web.Request, filters: Mapping[str, str], limit: int, offset: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Records matching `filters` (`action`, `target_type`, `target_id`, `actor` exactly;
+    `q` as free text), newest first: what `GET /audit` and the console's page list."""
+    search = audit.validate_search(filters.get("q"))
+    async with request.app[POOL].acquire() as conn:
+        return await audit.list_records(
+            conn,
+            action=filters.get("action") or None,
+            target_type=filters.get("target_type") or None,
+            target_id=filters.get("target_id") or None,
+            actor=filters.get("actor") or None,
+            limit=limit,
+            offset=offset,
+            q=search,
+        )
+
+
 async def list_(request: web.Request) -> web.Response:
     await admin_only(request)
     limit, offset = pagination(request)
-    q = request.query
-    async with request.app[POOL].acquire() as conn:
-        items, total = await audit.list_records(
-            conn,
-            action=q.get("action") or None,
-            target_type=q.get("target_type") or None,
-            target_id=q.get("target_id") or None,
-            actor=q.get("actor") or None,
-            limit=limit,
-            offset=offset,
-        )
+    items, total = await find(request, request.query, limit, offset)
     return list_response(items, total)
 
 

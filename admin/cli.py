@@ -200,6 +200,8 @@ async def _listen(settings: Settings, runner: web.AppRunner, name: str, slot: Sl
     for address in runner.addresses:
         if isinstance(address, tuple):
             say(f"{label} listening on http://{address[0]}:{address[1]}")
+            if name == "admin":
+                say(f"web console on http://{address[0]}:{address[1]}/ui/")
     if name == "gateway":
         forward_port = settings.forward_proxy_port
         site = ForwardProxySite(runner, settings.host, forward_port, reuse_port=worker or None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final
 
 from aiohttp import web
@@ -19,6 +20,7 @@ from gateway import invalidation, keyformat, keys, services
 from gateway.appkeys import POOL, REDIS, VAULT
 from gateway.errors import BadRequest, ValidationFailed
 from gateway.secret import Secret
+from gateway.users import User
 from gateway.vault import mask
 
 CREATE_FIELDS: Final = {"key", "service", "tier", "name", "priority", "enabled", "metadata"}
@@ -58,9 +60,9 @@ async def _resolve_service(request: web.Request, given: object, secret: Secret[s
     )
 
 
-async def create(request: web.Request) -> web.Response:
-    user = await authenticated(request)
-    body = await read_object(request)
+async def add_key(request: web.Request, user: User, body: dict[str, Any]) -> keys.KeyRecord:
+    """Store a new key for `user` from parsed fields and tell every gateway: `POST /keys` and
+    the console's add form. The service is detected from the key's format when not given."""
     reject_unknown(body, CREATE_FIELDS)
     secret = keys.validate_secret(body.get("key"))
     service = await _resolve_service(request, body.get("service"), secret)
@@ -79,36 +81,56 @@ async def create(request: web.Request) -> web.Response:
     async with request.app[POOL].acquire() as conn:
         record = await keys.create_key(conn, request.app[VAULT], user.actor(source(request)), new)
     await invalidation.publish(request.app[REDIS], "key", record.id)
+    return record
+
+
+async def create(request: web.Request) -> web.Response:
+    user = await authenticated(request)
+    body = await read_object(request)
+    record = await add_key(request, user, body)
     return web.json_response(record.to_json(), status=201)
 
 
-def _filter(request: web.Request, name: str, allowed: tuple[str, ...] | None) -> str | None:
-    value = request.query.get(name) or None
+def _filter(query: Mapping[str, str], name: str, allowed: tuple[str, ...] | None) -> str | None:
+    value = query.get(name) or None
     if value is not None and allowed is not None and value not in allowed:
         raise ValidationFailed(name, f"must be one of {', '.join(allowed)}")
     return value
 
 
-async def list_(request: web.Request) -> web.Response:
-    user = await authenticated(request)
-    limit, offset = pagination(request)
+async def find_keys(
+    request: web.Request, user: User, query: Mapping[str, str], limit: int, offset: int
+) -> tuple[list[keys.KeyRecord], int]:
+    """The keys `user` may see, filtered by `service`, `tier` and `status` in `query`, and
+    their total: `GET /keys` and the console's list."""
     async with request.app[POOL].acquire() as conn:
-        items, total = await keys.list_keys(
+        return await keys.list_keys(
             conn,
             owner_scope(user),
-            service=_filter(request, "service", None),
-            tier=_filter(request, "tier", keys.TIERS),
-            status=_filter(request, "status", keys.STATUSES),
+            service=_filter(query, "service", None),
+            tier=_filter(query, "tier", keys.TIERS),
+            status=_filter(query, "status", keys.STATUSES),
             limit=limit,
             offset=offset,
         )
+
+
+async def list_(request: web.Request) -> web.Response:
+    user = await authenticated(request)
+    limit, offset = pagination(request)
+    items, total = await find_keys(request, user, request.query, limit, offset)
     return list_response([k.to_json() for k in items], total)
+
+
+async def owned_key(request: web.Request, user: User, key_id: str) -> keys.KeyRecord:
+    """One key `user` may see; NotFound for another user's key, as for a missing one."""
+    async with request.app[POOL].acquire() as conn:
+        return await keys.get_key(conn, owner_scope(user), key_id)
 
 
 async def show(request: web.Request) -> web.Response:
     user = await authenticated(request)
-    async with request.app[POOL].acquire() as conn:
-        record = await keys.get_key(conn, owner_scope(user), request.match_info["id"])
+    record = await owned_key(request, user, request.match_info["id"])
     return web.json_response(record.to_json())
 
 
@@ -137,13 +159,15 @@ def _changes(body: dict[str, Any], secret: Secret[str] | None) -> dict[str, Any]
     return changes
 
 
-async def update(request: web.Request) -> web.Response:
-    user = await authenticated(request)
-    body = await read_object(request)
+async def change_key(
+    request: web.Request, user: User, key_id: str, body: dict[str, Any]
+) -> keys.KeyRecord:
+    """Change a key's fields and/or replace its secret (`key`: rotation, same key record), then
+    tell every gateway: `PUT /keys/{id}` and the console's edit, rotate, enable and disable."""
     reject_unknown(body, UPDATE_FIELDS)
     secret = keys.validate_secret(body["key"]) if "key" in body else None
     async with request.app[POOL].acquire() as conn:
-        current = await keys.get_key(conn, owner_scope(user), request.match_info["id"])
+        current = await keys.get_key(conn, owner_scope(user), key_id)
         if "service" in body and body["service"] != current.service:
             raise ValidationFailed("service", "cannot change; add the key to the other service")
         record = await keys.update_key(
@@ -156,16 +180,27 @@ async def update(request: web.Request) -> web.Response:
             secret,
         )
     await invalidation.publish(request.app[REDIS], "key", record.id)
+    return record
+
+
+async def update(request: web.Request) -> web.Response:
+    user = await authenticated(request)
+    body = await read_object(request)
+    record = await change_key(request, user, request.match_info["id"], body)
     return web.json_response(record.to_json())
+
+
+async def remove_key(request: web.Request, user: User, key_id: str) -> None:
+    """Delete a key `user` may see and tell every gateway: `DELETE /keys/{id}` and the
+    console's delete confirmation."""
+    async with request.app[POOL].acquire() as conn:
+        await keys.delete_key(conn, user.actor(source(request)), owner_scope(user), key_id)
+    await invalidation.publish(request.app[REDIS], "key", key_id)
 
 
 async def delete(request: web.Request) -> web.Response:
     user = await authenticated(request)
-    async with request.app[POOL].acquire() as conn:
-        await keys.delete_key(
-            conn, user.actor(source(request)), owner_scope(user), request.match_info["id"]
-        )
-    await invalidation.publish(request.app[REDIS], "key", request.match_info["id"])
+    await remove_key(request, user, request.match_info["id"])
     return web.Response(status=204)
 
 

@@ -485,7 +485,7 @@ def document() -> J:
                 "get": _op(
                     "Audit records (ADMIN)",
                     ok=(200, "#AuditRecord"),
-                    params=PAGING + _query("action", "target_type", "target_id", "actor"),
+                    params=PAGING + _query("q", "action", "target_type", "target_id", "actor"),
                 )
             },
             "/audit/verify": {

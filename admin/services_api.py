@@ -13,6 +13,7 @@ from gateway import invalidation, services
 from gateway.appkeys import POOL, REDIS, SETTINGS
 from gateway.costs import validate_cost_model
 from gateway.errors import ValidationFailed
+from gateway.users import User
 
 CREATE_FIELDS: Final = {"slug", "name", "base_url", "auth", "hosts", "strategy", "cost_model"}
 UPDATE_FIELDS: Final = {"name", "base_url", "auth", "hosts", "strategy", "cost_model"}
@@ -34,6 +35,8 @@ async def show(request: web.Request) -> web.Response:
 
 
 def _changes(request: web.Request, body: dict[str, Any]) -> dict[str, Any]:
+    """The validated fields of a create or update body (JSON-shaped values: `auth` an object,
+    `hosts` a list, `cost_model` an object), as `Service` attribute changes."""
     allow_insecure = request.app[SETTINGS].allow_insecure_upstreams
     changes: dict[str, Any] = {}
     if "name" in body:
@@ -60,6 +63,12 @@ async def create(request: web.Request) -> web.Response:
     user = await admin_only(request)
     body = await read_object(request)
     reject_unknown(body, CREATE_FIELDS)
+    created = await add_service(request, user, body)
+    return web.json_response(created.to_json(), status=201)
+
+
+async def add_service(request: web.Request, user: User, body: dict[str, Any]) -> services.Service:
+    """Validate and create a service, and tell the gateways (the API and the console)."""
     slug = services.validate_slug(body.get("slug"))
     for required in ("base_url", "auth"):
         if required not in body:
@@ -81,28 +90,37 @@ async def create(request: web.Request) -> web.Response:
             conn, user.actor(source(request)), service, hosts_given="hosts" in changes
         )
     await invalidation.publish(request.app[REDIS], "service", created.slug)
-    return web.json_response(created.to_json(), status=201)
+    return created
 
 
 async def update(request: web.Request) -> web.Response:
     user = await admin_only(request)
     body = await read_object(request)
     reject_unknown(body, UPDATE_FIELDS)
+    updated = await change_service(request, user, request.match_info["slug"], body)
+    return web.json_response(updated.to_json())
+
+
+async def change_service(
+    request: web.Request, user: User, slug: str, body: dict[str, Any]
+) -> services.Service:
     changes = _changes(request, body)
     async with request.app[POOL].acquire() as conn:
-        updated = await services.update_service(
-            conn, user.actor(source(request)), request.match_info["slug"], changes
-        )
+        updated = await services.update_service(conn, user.actor(source(request)), slug, changes)
     await invalidation.publish(request.app[REDIS], "service", updated.slug)
-    return web.json_response(updated.to_json())
+    return updated
 
 
 async def delete(request: web.Request) -> web.Response:
     user = await admin_only(request)
-    async with request.app[POOL].acquire() as conn:
-        await services.delete_service(conn, user.actor(source(request)), request.match_info["slug"])
-    await invalidation.publish(request.app[REDIS], "service", request.match_info["slug"])
+    await remove_service(request, user, request.match_info["slug"])
     return web.Response(status=204)
+
+
+async def remove_service(request: web.Request, user: User, slug: str) -> None:
+    async with request.app[POOL].acquire() as conn:
+        await services.delete_service(conn, user.actor(source(request)), slug)
+    await invalidation.publish(request.app[REDIS], "service", slug)
 
 
 def add_routes(app: web.Application) -> None:

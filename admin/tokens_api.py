@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final
 
 from aiohttp import web
@@ -11,6 +12,8 @@ from admin.body import list_response, pagination, read_object, reject_unknown
 from gateway import invalidation, limits, services, tokens
 from gateway.appkeys import POOL, REDIS
 from gateway.errors import Forbidden, ValidationFailed
+from gateway.ids import parse_id
+from gateway.secret import Secret
 from gateway.users import User
 
 CREATE_FIELDS: Final = {"name", "services", "expires_at", "budget", "rate_limit"}
@@ -22,6 +25,15 @@ async def create(request: web.Request) -> web.Response:
     user = await authenticated(request)
     body = await read_object(request)
     reject_unknown(body, CREATE_FIELDS)
+    record, token = await issue_token(request, user, body)
+    return web.json_response({**record.to_json(), "token": token.reveal()}, status=201)
+
+
+async def issue_token(
+    request: web.Request, user: User, body: Mapping[str, Any]
+) -> tuple[tokens.TokenRecord, Secret[str]]:
+    """Validate `body` (the fields of `POST /tokens`, as JSON values) and create the token for
+    `user`: what the API and the console's form both call. The token is returned this once."""
     name = tokens.validate_name(body.get("name"))
     wanted = body.get("services")
     if (
@@ -47,10 +59,10 @@ async def create(request: web.Request) -> web.Response:
             budget,
             rate_limit,
         )
-    return web.json_response({**record.to_json(), "token": token.reveal()}, status=201)
+    return record, token
 
 
-def _rate_limit(user: User, body: dict[str, Any]) -> int | None:
+def _rate_limit(user: User, body: Mapping[str, Any]) -> int | None:
     """A token's own rate limit (requests per minute) overrides its owner's tier: only an
     ADMIN may set one."""
     value = limits.validate_rate_limit(body.get("rate_limit"))
@@ -98,12 +110,18 @@ async def show(request: web.Request) -> web.Response:
 
 async def revoke(request: web.Request) -> web.Response:
     user = await authenticated(request)
-    async with request.app[POOL].acquire() as conn:
-        await tokens.revoke_token(
-            conn, user.actor(source(request)), owner_scope(user), request.match_info["id"]
-        )
-    await invalidation.publish(request.app[REDIS], "token", request.match_info["id"])
+    await revoke_token(request, user, request.match_info["id"])
     return web.Response(status=204)
+
+
+async def revoke_token(request: web.Request, user: User, token_id: str) -> None:
+    """Revoke one of the tokens `user` may see (404 otherwise) and tell every gateway process
+    to drop it from its cache: what the API and the console both call."""
+    async with request.app[POOL].acquire() as conn:
+        await tokens.revoke_token(conn, user.actor(source(request)), owner_scope(user), token_id)
+    # The canonical id, as the gateways' caches hold it: `/tokens/{ID IN UPPER CASE}` revokes
+    # the same token, and must drop it from them too.
+    await invalidation.publish(request.app[REDIS], "token", str(parse_id(token_id, "token")))
 
 
 def add_routes(app: web.Application) -> None:

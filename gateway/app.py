@@ -41,7 +41,7 @@ from gateway.ca import AUTHORITIES
 from gateway.callers import Callers
 from gateway.catalog import Catalog
 from gateway.cooldown import Cooldowns, Pressure
-from gateway.hotredis import HotRedis
+from gateway.hotredis import HotCluster, HotRedis
 from gateway.keypool import KeyPool
 from gateway.limits import Limits
 from gateway.metrics import Metrics
@@ -75,7 +75,7 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
     app[KEYPOOL] = keypool = KeyPool(app[POOL], app[VAULT], app[SETTINGS].default_free_quota)
     redis_url = app[SETTINGS].redis_url
     assert redis_url is not None, "REDIS_URL is resolved before the app starts"
-    hot = HotRedis(redis_url)
+    hot = (HotCluster if app[SETTINGS].redis_cluster else HotRedis)(redis_url)
     settings = app[SETTINGS]
     app[QUOTAS] = Quotas(hot, settings.quotas_fail_open)
     app[LIMITS] = Limits(hot, settings.rate_limit_tiers, settings.enable_rate_limiting)

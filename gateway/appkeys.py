@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.callers import Callers
 from gateway.catalog import Catalog
@@ -21,7 +23,7 @@ from gateway.vault import Vault
 
 SETTINGS = web.AppKey("settings", Settings)
 POOL = web.AppKey("pool", asyncpg.Pool)
-REDIS = web.AppKey("redis", Redis)
+REDIS = web.AppKey[Redis | RedisCluster]("redis")  # RedisCluster when REDIS_CLUSTER
 VAULT = web.AppKey("vault", Vault)
 METRICS = web.AppKey("metrics", Metrics)
 APP_NAME = web.AppKey("app_name", str)
@@ -35,3 +37,6 @@ PRESSURE = web.AppKey("pressure", Pressure)
 STICKY = web.AppKey("sticky", Stickiness)
 # Gateway started with `--workers N`: the other workers' local sockets, for merged metrics.
 SIBLINGS = web.AppKey("siblings", tuple[Path, ...])
+# An app with HTML pages (the admin console) renders its own errors for the requests it
+# claims: the renderer returns None for requests that get the one JSON shape.
+ERROR_PAGE = web.AppKey[Callable[[web.Request, int, str, str], web.Response | None]]("error_page")

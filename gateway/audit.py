@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, Final
 
 from gateway.db import Connection, Record
+from gateway.errors import ValidationFailed
 
 GENESIS: Final = "0" * 64
 # pg_advisory_xact_lock key serialising appends (held until the change commits).
@@ -27,16 +28,24 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"""
 SCAN: Final = """
 SELECT seq, at, actor_id, actor, action, target_type, target_id, source, details, prev_hash, hash
 FROM audit_log WHERE seq > $1 ORDER BY seq LIMIT $2"""
+# $5: the free-text search as a LIKE pattern (see `like_pattern`), matched against the
+# action, actor, target and details (which never hold a secret), or null.
 LIST: Final = """
 SELECT seq, at, actor_id, actor, action, target_type, target_id, source, details, hash
 FROM audit_log
 WHERE ($1::text IS NULL OR action = $1) AND ($2::text IS NULL OR target_type = $2)
   AND ($3::text IS NULL OR target_id = $3) AND ($4::text IS NULL OR actor = $4)
-ORDER BY seq DESC LIMIT $5 OFFSET $6"""
+  AND ($5::text IS NULL OR action ILIKE $5 OR actor ILIKE $5 OR target_type ILIKE $5
+       OR target_id ILIKE $5 OR details::text ILIKE $5)
+ORDER BY seq DESC LIMIT $6 OFFSET $7"""
 COUNT: Final = """
 SELECT count(*) FROM audit_log
 WHERE ($1::text IS NULL OR action = $1) AND ($2::text IS NULL OR target_type = $2)
-  AND ($3::text IS NULL OR target_id = $3) AND ($4::text IS NULL OR actor = $4)"""
+  AND ($3::text IS NULL OR target_id = $3) AND ($4::text IS NULL OR actor = $4)
+  AND ($5::text IS NULL OR action ILIKE $5 OR actor ILIKE $5 OR target_type ILIKE $5
+       OR target_id ILIKE $5 OR details::text ILIKE $5)"""
+ACTIONS: Final = "SELECT DISTINCT action FROM audit_log ORDER BY action"
+MAX_SEARCH: Final = 200
 
 
 @dataclass(frozen=True)
@@ -184,9 +193,14 @@ async def list_records(
     actor: str | None,
     limit: int,
     offset: int,
+    q: str | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    rows = await conn.fetch(LIST, action, target_type, target_id, actor, limit, offset)
-    total: int = await conn.fetchval(COUNT, action, target_type, target_id, actor)
+    """Records matching every filter given, newest first; `q` searches as `validate_search`
+    says."""
+    pattern = like_pattern(q) if q else None
+    filters = (action, target_type, target_id, actor, pattern)
+    rows = await conn.fetch(LIST, *filters, limit, offset)
+    total: int = await conn.fetchval(COUNT, *filters)
     items = [
         {
             "seq": r["seq"],
@@ -203,6 +217,27 @@ async def list_records(
         for r in rows
     ]
     return items, total
+
+
+async def actions(conn: Connection) -> list[str]:
+    """Every action recorded so far (for a filter's choices)."""
+    return [r["action"] for r in await conn.fetch(ACTIONS)]
+
+
+def validate_search(value: str | None) -> str | None:
+    """Free text found in a record's action, actor, target or details (case-insensitive)."""
+    if value is None or not value.strip():
+        return None
+    if len(value) > MAX_SEARCH or "\x00" in value:
+        raise ValidationFailed("q", f"must be text of at most {MAX_SEARCH} characters")
+    return value.strip()
+
+
+def like_pattern(text: str) -> str:
+    """`text` as a LIKE pattern matching it anywhere: its own `%`, `_` and `\\` match
+    literally."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
 
 
 def _str(value: object) -> str | None:

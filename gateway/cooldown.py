@@ -18,6 +18,7 @@ from email.utils import parsedate_to_datetime
 from typing import Final
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from gateway import invalidation
 
@@ -55,7 +56,7 @@ def asked_wait_s(headers: Mapping[str, str], now: float | None = None) -> float 
 
 
 class Cooldowns:
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Redis | RedisCluster) -> None:
         self._redis = redis
         self._until: dict[str, float] = {}  # key id -> wall-clock end of its rest
 

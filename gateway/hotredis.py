@@ -10,16 +10,22 @@ the hot path keeps using redis-py.
 Failures surface as redis-py's own exceptions (ConnectionError, TimeoutError, ResponseError),
 so callers handle one family. A timed-out or broken connection is closed with every pending
 command failed (a late reply must never answer the wrong caller); the next command
-reconnects. Standalone Redis only (no Cluster redirects).
+reconnects.
+
+On Redis Cluster (REDIS_CLUSTER), HotCluster sends each command to the node serving its
+first key's slot, over one such connection per node, and follows the cluster's redirects.
+The standalone client does none of that work: the choice is made once, at startup.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import hashlib
 import ssl
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Final, cast
 
 import hiredis
@@ -32,6 +38,10 @@ from gateway.secret import Secret
 
 CONNECT_TIMEOUT_S: Final = 5.0
 COMMAND_TIMEOUT_S: Final = 5.0
+SLOTS: Final = 16384
+# Redirects one command may follow: a slot moves at most once or twice while it is in flight.
+MAX_REDIRECTS: Final = 5
+TRYAGAIN_DELAY_S: Final = 0.05  # a multi-key command met a slot half-way through migrating
 
 
 def pack(*args: str | int | bytes) -> bytes:
@@ -41,6 +51,34 @@ def pack(*args: str | int | bytes) -> bytes:
         data = arg if isinstance(arg, bytes) else str(arg).encode()
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
+
+
+ASKING: Final = pack("ASKING")
+
+
+def key_slot(key: bytes) -> int:
+    """The cluster slot of `key`: CRC16 (XMODEM) of its hash tag, the part between the first
+    `{` and the next `}` when that is not empty, else of the whole key."""
+    start = key.find(b"{")
+    if start >= 0:
+        end = key.find(b"}", start + 1)
+        if end > start + 1:
+            key = key[start + 1 : end]
+    return binascii.crc_hqx(key, 0) % SLOTS
+
+
+def routing_key(args: Sequence[str | int | bytes]) -> bytes | None:
+    """The key a command is routed by: a script's first key, else its first argument (every
+    keyed command the hot path sends names its key first); None for a command without one."""
+    if len(args) < 2:
+        return None
+    if args[0] in ("EVALSHA", "EVAL"):
+        if len(args) < 4 or int(args[2]) < 1:
+            return None
+        key = args[3]
+    else:
+        key = args[1]
+    return key if isinstance(key, bytes) else str(key).encode()
 
 
 class _Protocol(asyncio.Protocol):
@@ -93,20 +131,42 @@ class _Protocol(asyncio.Protocol):
             self.transport.close()
 
 
-class HotRedis:
-    def __init__(self, url: Secret[str]) -> None:
+@dataclass(frozen=True)
+class Endpoint:
+    """Where one Redis server listens, and how to log in to it."""
+
+    host: str
+    port: int
+    socket: str | None = None  # a unix socket's path instead of host and port
+    tls: bool = False
+    username: str | None = None
+    password: Secret[str] | None = None
+    db: int = 0
+
+    @classmethod
+    def parse(cls, url: Secret[str]) -> Endpoint:
         parsed = URL(url.reveal())
         if parsed.scheme not in ("redis", "rediss", "unix"):
             raise ValueError("REDIS_URL must be redis://, rediss:// or unix://")
-        self._socket = parsed.path if parsed.scheme == "unix" else None
-        self._host = parsed.host or "127.0.0.1"
-        self._port = parsed.port or 6379
-        self._tls = parsed.scheme == "rediss"
-        self._username = parsed.user or None
-        self._password = Secret(parsed.password) if parsed.password else None
-        path = "" if self._socket else parsed.path.strip("/")
+        socket = parsed.path if parsed.scheme == "unix" else None
+        path = "" if socket else parsed.path.strip("/")
         db = path if path.isdigit() else parsed.query.get("db", "0")
-        self._db = int(db) if db.isdigit() else 0
+        return cls(
+            host=parsed.host or "127.0.0.1",
+            port=parsed.port or 6379,
+            socket=socket,
+            tls=parsed.scheme == "rediss",
+            username=parsed.user or None,
+            password=Secret(parsed.password) if parsed.password else None,
+            db=int(db) if db.isdigit() else 0,
+        )
+
+
+class HotRedis:
+    """One Redis server, over one pipelined connection."""
+
+    def __init__(self, url: Secret[str] | Endpoint) -> None:
+        self._at = url if isinstance(url, Endpoint) else Endpoint.parse(url)
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
 
@@ -124,25 +184,26 @@ class HotRedis:
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
-        context = ssl.create_default_context() if self._tls else None
+        at = self._at
+        context = ssl.create_default_context() if at.tls else None
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                if self._socket is not None:
-                    _, protocol = await loop.create_unix_connection(_Protocol, self._socket)
+                if at.socket is not None:
+                    _, protocol = await loop.create_unix_connection(_Protocol, at.socket)
                 else:
                     _, protocol = await loop.create_connection(
-                        _Protocol, self._host, self._port, ssl=context
+                        _Protocol, at.host, at.port, ssl=context
                     )
         except (OSError, TimeoutError) as exc:
             raise RedisConnectionError(f"cannot connect to Redis ({type(exc).__name__})") from None
         setup: list[bytes] = []
-        if self._password is not None:
-            auth = [self._password.reveal()]
-            if self._username:
-                auth.insert(0, self._username)
+        if at.password is not None:
+            auth = [at.password.reveal()]
+            if at.username:
+                auth.insert(0, at.username)
             setup.append(pack("AUTH", *auth))
-        if self._db:
-            setup.append(pack("SELECT", self._db))
+        if at.db:
+            setup.append(pack("SELECT", at.db))
         try:
             for command in setup:
                 await self._send(protocol, command)
@@ -172,10 +233,154 @@ class HotRedis:
     async def execute(self, *args: str | int | bytes) -> Any:
         return await self._send(await self._connection(), pack(*args))
 
+    async def execute_asking(self, *args: str | int | bytes) -> Any:
+        """A command for a slot this node is importing (a cluster's -ASK): ASKING must come
+        right before it on the same connection, so both are queued with nothing between."""
+        protocol = await self._connection()
+        asking: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        protocol.waiting.append(asking)
+        protocol.send(ASKING)
+        try:
+            return await self._send(protocol, pack(*args))
+        finally:
+            if asking.done() and not asking.cancelled():
+                asking.exception()  # its OK (or error) is of no interest: the command's is
+            else:
+                asking.cancel()
+
     async def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
         self._protocol = None
+
+
+class HotCluster(HotRedis):
+    """A Redis Cluster, found from the one node REDIS_URL names: each command goes to the node
+    serving its first key's slot (the keys of one script share a hash tag, so one slot).
+
+    The slot map comes from CLUSTER SLOTS, loaded before the first command and again after a
+    redirect or a lost node. -MOVED (the slot has a new owner) is followed at once to the
+    node it names; -ASK (the slot is migrating and the key already left) sends ASKING and the
+    command to the importing node; -TRYAGAIN (a multi-key command during a migration) waits
+    a moment; at most MAX_REDIRECTS of these per command. -CLUSTERDOWN counts as Redis being
+    unreachable. Each node has one pipelined connection, so commands for one slot (a
+    reservation, then its lease's release) reach Redis in the order they were sent.
+
+    A subclass so that Quotas and Limits take either client; its own connection is never
+    opened (the node that REDIS_URL names gets a client of its own like any other)."""
+
+    def __init__(self, url: Secret[str]) -> None:
+        super().__init__(url)
+        if self._at.socket is not None or self._at.db:
+            raise ValueError("a Redis Cluster's REDIS_URL is redis:// or rediss://, database 0")
+        self._nodes: dict[tuple[str, int], HotRedis] = {}
+        self._seed = self._node(self._at.host, self._at.port)
+        self._slots: list[HotRedis | None] = [None] * SLOTS
+        self._stale = True  # the map is loaded before the first command
+        self._refreshing: asyncio.Lock | None = None
+        self._attempts = 0  # loads of the map tried, so that waiters share one outcome
+        self._failed = False  # the last one found no node answering
+        self.redirects = 0  # -MOVED and -ASK followed: none while the map is right
+
+    def _node(self, host: str, port: int) -> HotRedis:
+        node = self._nodes.get((host, port))
+        if node is None:
+            node = self._nodes[host, port] = HotRedis(replace(self._at, host=host, port=port))
+        return node
+
+    def _at_address(self, address: str) -> HotRedis:
+        host, _, port = address.rpartition(":")  # "10.0.0.1:6379", "[::1]:6379"
+        return self._node(host.strip("[]") or self._at.host, int(port))
+
+    async def execute(self, *args: str | int | bytes) -> Any:
+        if self._stale:
+            await self._refresh()
+        key = routing_key(args)
+        node = self._slots[key_slot(key)] if key is not None else self._seed
+        asking = False
+        for _ in range(MAX_REDIRECTS):
+            if node is None:
+                self._stale = True
+                raise RedisConnectionError("no node of the Redis Cluster serves this slot")
+            try:
+                if asking:
+                    return await node.execute_asking(*args)
+                return await node.execute(*args)
+            except ResponseError as exc:
+                redirect = await self._redirect(str(exc), node, asking)
+                if redirect is None:
+                    raise
+                node, asking = redirect
+            except (RedisConnectionError, RedisTimeoutError):
+                self._stale = True  # a node gone: a failover may have moved its slots
+                raise
+        raise RedisConnectionError("the Redis Cluster redirected a command too many times")
+
+    async def _redirect(
+        self, error: str, node: HotRedis, asking: bool
+    ) -> tuple[HotRedis, bool] | None:
+        """Where to send the command next after `error`, and whether with ASKING; None when
+        the error is the command's own."""
+        kind, _, detail = error.partition(" ")
+        if kind == "MOVED":  # "MOVED <slot> <host>:<port>"
+            self.redirects += 1
+            slot, _, address = detail.partition(" ")
+            self._stale = True  # more slots may have moved: the next command reloads the map
+            self._slots[int(slot)] = target = self._at_address(address)
+            return target, False
+        if kind == "ASK":  # "ASK <slot> <host>:<port>": for this command only
+            self.redirects += 1
+            return self._at_address(detail.partition(" ")[2]), True
+        if kind == "TRYAGAIN":
+            await asyncio.sleep(TRYAGAIN_DELAY_S)
+            return node, asking
+        if kind == "CLUSTERDOWN":
+            self._stale = True
+            raise RedisConnectionError("the Redis Cluster is down") from None
+        return None
+
+    async def _refresh(self) -> None:
+        if self._refreshing is None:
+            self._refreshing = asyncio.Lock()
+        attempt = self._attempts
+        async with self._refreshing:
+            if self._attempts != attempt:  # another command tried while this one waited
+                if self._failed:
+                    raise RedisConnectionError("no node of the Redis Cluster answered")
+                return
+            self._attempts += 1
+            self._failed = True
+            # The nodes that served slots last first, the one REDIS_URL names last (it may be
+            # the one that went away).
+            serving = {id(n): n for n in self._slots if n is not None}
+            for node in [*serving.values(), self._seed]:
+                try:
+                    reply = await node.execute("CLUSTER", "SLOTS")
+                except (RedisConnectionError, RedisTimeoutError):
+                    continue
+                self._load(reply, node._at.host)
+                self._failed = False
+                return
+            raise RedisConnectionError("no node of the Redis Cluster answered")
+
+    def _load(self, reply: list[Any], asked_host: str) -> None:
+        """CLUSTER SLOTS: [[first slot, last slot, [host, port, id, ...], replicas...], ...]."""
+        slots: list[HotRedis | None] = [None] * SLOTS
+        for first, last, primary, *_replicas in reply:
+            host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
+            if host == "?":
+                continue  # an address nobody knows: its slots stay unserved until it has one
+            # An empty host: the node is on the host that answered, at the port given.
+            node = self._node(host or asked_host, int(primary[1]))
+            slots[first : last + 1] = [node] * (last + 1 - first)
+        self._slots = slots
+        self._stale = False
+
+    async def close(self) -> None:
+        for node in self._nodes.values():
+            await node.close()
+        self._slots = [None] * SLOTS
+        self._stale = True
 
 
 class HotScript:

@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import logs, sdkerrors
-from gateway.appkeys import METRICS
+from gateway.appkeys import ERROR_PAGE, METRICS
 from gateway.errors import WalletError
 from gateway.logs import redact_url
 from gateway.metrics import status_class
@@ -187,6 +187,11 @@ def _render(
     headers: dict[str, str] | None = None,
     details: dict[str, object] | None = None,
 ) -> web.Response:
+    error_page = request.app.get(ERROR_PAGE)
+    if error_page is not None:
+        page = error_page(request, status, message, request_id)
+        if page is not None:
+            return page
     google_style = request.get(SERVICE) in sdkerrors.GOOGLE_STYLE
     return error_response(
         status, code, message, request_id, headers, details, google_style=google_style

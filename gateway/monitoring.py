@@ -16,6 +16,7 @@ import structlog
 from aiohttp import web
 from aioprometheus.renderer import render
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from gateway import rkeys
@@ -145,7 +146,7 @@ class QuotaReading:
 
 
 async def read_quotas(
-    redis: Redis, limits: Sequence[tuple[str, Limit]], now: datetime
+    redis: Redis | RedisCluster, limits: Sequence[tuple[str, Limit]], now: datetime
 ) -> list[QuotaReading | None]:
     """The current window of each (service, limit), one MGET per service (a service's
     counters share a hash tag, so this works on Redis Cluster too, in one pipeline); None for
@@ -161,7 +162,9 @@ async def read_quotas(
     if by_service:
         async with redis.pipeline(transaction=False) as pipe:
             for wanted in by_service.values():
-                pipe.mget([name for _, name, _, _ in wanted])
+                # Not pipe.mget: redis-py's cluster pipeline refuses it (its keys could span
+                # slots); these share one, and the raw command is routed by it.
+                pipe.execute_command("MGET", *(name for _, name, _, _ in wanted))
             replies = await pipe.execute()
         for wanted, counts in zip(by_service.values(), replies, strict=True):
             for (i, _, quota, end), count in zip(wanted, counts, strict=True):

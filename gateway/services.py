@@ -20,8 +20,20 @@ AuthType = Literal["bearer", "basic", "header", "query"]
 AUTH_TYPES: Final = get_args(AuthType)
 SLUG: Final = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # Paths the gateway serves itself; a service may not shadow them.
+# `new`: the console's create page is /ui/services/new.
 RESERVED_SLUGS: Final = frozenset(
-    {"proxy", "monitoring", "auth", "ui", "static", "admin", "openapi.json", "health", "metrics"}
+    {
+        "proxy",
+        "monitoring",
+        "auth",
+        "ui",
+        "static",
+        "admin",
+        "openapi.json",
+        "health",
+        "metrics",
+        "new",
+    }
 )
 NAME_TOKEN: Final = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
 HOST: Final = re.compile(

@@ -243,6 +243,8 @@ class Settings:
         if len(jwt_secret) < 32:
             raise SettingsError("JWT_SECRET must be at least 32 characters")
         log_format = get.choice("LOG_FORMAT", ("json", "console"))
+        if get.boolean("REDIS_CLUSTER") and get.text("REDIS_URL") is None:
+            raise SettingsError("REDIS_CLUSTER needs REDIS_URL naming a node of the cluster")
         admin_password = get.text("WALLET_ADMIN_PASSWORD")
         if admin_password is not None and len(admin_password) < 12:
             raise SettingsError("WALLET_ADMIN_PASSWORD must be at least 12 characters")

@@ -264,3 +264,12 @@ async def assert_error(resp: ClientResponse, status: int, code: str) -> dict[str
     assert error["message"]
     assert error["request_id"] == resp.headers["X-Request-Id"]
     return error
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say loudly, last, when the browser tests were skipped for want of a browser."""
+    from browser import skipped_banner  # only here: it imports Selenium
+
+    banner = skipped_banner(terminalreporter.stats.get("skipped", []))
+    if banner:
+        terminalreporter.write_sep("!", banner, red=True, bold=True)

@@ -188,6 +188,10 @@ BAD_SETTINGS: list[tuple[str, str | None, str | None]] = [
     ("REDIS_URL", "redis://:RedisSecretPw@", "RedisSecretPw"),
     ("REDIS_URL", "RedisSecretPw", "RedisSecretPw"),
     ("WALLET_ADMIN_PASSWORD", "short-pw-11", None),
+    ("PUBLIC_GATEWAY_URL", "ftp://gw.example", None),
+    ("PUBLIC_GATEWAY_URL", "https://gw.example/?token=PublicSecretQ", "PublicSecretQ"),
+    ("CONSOLE_SECURE_COOKIE", "sometimes", None),
+    ("CONSOLE_IDLE_TIMEOUT", "0m", None),
 ]
 
 
@@ -208,6 +212,18 @@ def test_bad_setting_names_variable_not_value(
     # The exception is not chained to one that might carry the value.
     assert info.value.__cause__ is None
     assert value is None or value not in repr(info.value.__context__)
+
+
+def test_redis_cluster_needs_a_node_to_start_from() -> None:
+    with pytest.raises(SettingsError, match=r"^REDIS_CLUSTER needs REDIS_URL"):
+        Settings.from_env(env_with(REDIS_CLUSTER="true", REDIS_URL=None))
+    assert Settings.from_env(env_with(REDIS_CLUSTER="true")).redis_cluster is True
+
+
+def test_public_gateway_url_feeds_the_snippets() -> None:
+    assert Settings.from_env(env_with()).gateway_url == "http://127.0.0.1:6789"
+    given = Settings.from_env(env_with(PUBLIC_GATEWAY_URL="https://gw.example/wallet/"))
+    assert given.gateway_url == "https://gw.example/wallet"
 
 
 FREE_TEXT = frozenset({"HOST", "WALLET_DATA_DIR", "WALLET_ADMIN_PASSWORD"})

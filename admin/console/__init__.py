@@ -21,7 +21,9 @@ from yarl import URL
 from admin import auth
 from admin.console import audit, dashboard, keys, page, services, session, tokens, users
 from admin.console.page import PREFIX, render
-from gateway.errors import Unauthenticated, ValidationFailed, WalletError
+from gateway import tasks
+from gateway.appkeys import ERROR_PAGE
+from gateway.errors import Unauthenticated, ValidationFailed
 from gateway.middleware import REQUEST_ID
 
 HERE: Final = Path(__file__).parent
@@ -52,15 +54,12 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
         response = await handler(request)
     except Unauthenticated as exc:
         response = _to_login(request, exc.message)
-    except WalletError as exc:
-        response = _error_page(request, exc.status, exc.message)
     except web.HTTPException as exc:
-        if exc.status >= 400:
-            response = _error_page(request, exc.status, exc.reason)
-            _secure_headers(response)
-            return response
-        _secure_headers(exc)
-        raise
+        if exc.status < 400:
+            _secure_headers(exc)
+        raise  # errors: rendered by the app's middleware, as pages (see error_page)
+    # Other errors, the database or Redis being down included, go on to the app's middleware
+    # too, which counts and logs them and asks `error_page` for the answer.
     _secure_headers(response)
     return response
 
@@ -74,12 +73,22 @@ def _to_login(request: web.Request, message: str) -> web.Response:
     if request.method in SAFE_METHODS:
         target = URL(f"{PREFIX}/login").with_query(next=request.path_qs)
         return page.redirect(str(target), message)
-    return _error_page(request, 401, message)
+    return error_page(request, 401, message, request.get(REQUEST_ID, "")) or web.Response(
+        status=401
+    )
 
 
-def _error_page(request: web.Request, status: int, message: str) -> web.Response:
-    context = {"status": status, "message": message, "request_id": request.get(REQUEST_ID, "")}
-    return render(request, "error.html", context, status=status)
+def error_page(
+    request: web.Request, status: int, message: str, request_id: str
+) -> web.Response | None:
+    """Errors on console paths as an HTML page with the right status (the JSON shape
+    everywhere else)."""
+    if not request.path.startswith(PREFIX + "/"):
+        return None
+    context = {"status": status, "message": message, "request_id": request_id}
+    response = render(request, "error.html", context, status=status)
+    _secure_headers(response)
+    return response
 
 
 def _safe_next(raw: object) -> str:
@@ -143,9 +152,13 @@ def setup(app: web.Application) -> None:
         undefined=jinja2.StrictUndefined,
     )
     app.middlewares.append(middleware)
+    app[ERROR_PAGE] = error_page
     app.router.add_get(f"{PREFIX}/login", login_form, name="ui.login")
     app.router.add_post(f"{PREFIX}/login", login, name="ui.login.submit")
     app.router.add_post(f"{PREFIX}/logout", logout, name="ui.logout")
     app.router.add_static(f"{PREFIX}/static", HERE / "static", name="ui.static")
     for module in (dashboard, keys, services, tokens, users, audit):
         module.add_routes(app)
+    # The dashboard lists keys resting after an upstream refused them: rests are announced
+    # by the gateways over the invalidation channel, so the admin app listens too.
+    app.cleanup_ctx.extend((tasks.tasks_ctx, dashboard.resting_ctx))
