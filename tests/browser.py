@@ -316,14 +316,23 @@ class Browser:
 
     # Pictures
 
-    async def screenshot(self, target: Path) -> None:
+    async def screenshot(self, target: Path, *, full_page: bool = False) -> None:
         def save() -> None:
             # Once the stylesheet has loaded, and with no field focused (no caret, no ring).
             WebDriverWait(self.driver, LOAD_WAIT_S).until(
                 lambda d: d.execute_script("return document.readyState") == "complete"
             )
             self.driver.execute_script("document.activeElement?.blur()")
-            assert self.driver.save_screenshot(str(target)), f"could not write {target}"
+            width, height = WINDOW
+            if full_page:  # the page as tall as its content, for one picture of all of it
+                height = int(self.driver.execute_script("return document.body.scrollHeight"))
+            metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+            self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
+            try:
+                assert self.driver.save_screenshot(str(target)), f"could not write {target}"
+            finally:
+                metrics["height"] = WINDOW[1]
+                self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
 
         await self._run(save)
 

@@ -347,7 +347,7 @@ async def test_screenshots(
     await browser.reload_until(
         "/ui/", lambda: _shows_requests(browser, 10), show="#recent-requests"
     )
-    await browser.screenshot(DOCS / "console-dashboard.png")
+    await browser.screenshot(DOCS / "console-dashboard.png", full_page=True)
     await browser.open("/ui/keys")
     await browser.screenshot(DOCS / "console-keys.png")
     await browser.open("/ui/keys/new")
