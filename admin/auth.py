@@ -45,6 +45,9 @@ def issue_token(secret: Secret[str], user: users.User, lifetime_s: int) -> tuple
         "sub": user.id,
         "role": user.role,
         "iat": now,
+        # `iat` is whole seconds: a password change later in the same second must still end
+        # this session (see current_user).
+        "iat_ms": int(time.time() * 1000),
         "exp": now + lifetime_s,
         "jti": secrets.token_hex(16),
         "aud": AUDIENCE,
@@ -145,7 +148,9 @@ async def authenticated(request: web.Request) -> users.User:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("send Authorization: Bearer <token from POST /auth/login>")
     claims = decode_token(request.app[SETTINGS].jwt_secret, token.strip())
-    user = await current_user(request, claims["sub"], claims["iat"])
+    iat_ms = claims.get("iat_ms")
+    issued_at = iat_ms / 1000 if isinstance(iat_ms, int) else claims["iat"]
+    user = await current_user(request, claims["sub"], issued_at)
     request[USER_KEY] = user
     return user
 
@@ -164,7 +169,7 @@ async def current_user(request: web.Request, subject: object, issued_at: object)
         raise Unauthenticated("this account no longer exists") from None
     if not user.enabled:
         raise Unauthenticated("this account is disabled")
-    if isinstance(issued_at, int | float) and issued_at < int(user.password_changed_at.timestamp()):
+    if isinstance(issued_at, int | float) and issued_at < user.password_changed_at.timestamp():
         raise Unauthenticated("the password changed since this session began; log in again")
     return user
 

@@ -24,9 +24,9 @@ import binascii
 import hashlib
 import ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 
 import hiredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -39,9 +39,19 @@ from gateway.secret import Secret
 CONNECT_TIMEOUT_S: Final = 5.0
 COMMAND_TIMEOUT_S: Final = 5.0
 SLOTS: Final = 16384
+# One node's answer to CLUSTER SLOTS, connecting included: a node that does not answer in
+# this time is passed over for the next (the map's reload must not wait a command's timeout
+# for each hung node).
+SLOTS_TIMEOUT_S: Final = 1.0
 # Redirects one command may follow: a slot moves at most once or twice while it is in flight.
 MAX_REDIRECTS: Final = 5
-TRYAGAIN_DELAY_S: Final = 0.05  # a multi-key command met a slot half-way through migrating
+# A multi-key command met a slot half-way through migrating (-TRYAGAIN): it is sent again
+# every TRYAGAIN_DELAY_S until the keys are together again, for at most TRYAGAIN_BUDGET_S (a
+# migration moves a slot's keys in batches: this is time, not a count of redirects).
+TRYAGAIN_DELAY_S: Final = 0.05
+TRYAGAIN_BUDGET_S: Final = 1.0
+
+Node = TypeVar("Node", bound=Hashable)
 
 
 def pack(*args: str | int | bytes) -> bytes:
@@ -79,6 +89,22 @@ def routing_key(args: Sequence[str | int | bytes]) -> bytes | None:
     else:
         key = args[1]
     return key if isinstance(key, bytes) else str(key).encode()
+
+
+def node_address(address: str, replied_from: str) -> tuple[str, int]:
+    """The host and port of a -MOVED or -ASK ("10.0.0.1:6379", "[::1]:6379"). An empty host
+    (":6379", as Redis 7 sends with cluster-preferred-endpoint-type unknown-endpoint) means
+    the host of the node that replied."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or replied_from, int(port)
+
+
+def reload_order(serving: Iterable[Node | None], seed: Node, suspects: set[Node]) -> list[Node]:
+    """The nodes to ask for the slot map, each once: those serving slots (in slot order), then
+    the one REDIS_URL names, and last those that failed lately (a hung node would cost the
+    reload its whole timeout)."""
+    nodes = [node for node in dict.fromkeys((*serving, seed)) if node is not None]
+    return [n for n in nodes if n not in suspects] + [n for n in nodes if n in suspects]
 
 
 class _Protocol(asyncio.Protocol):
@@ -254,133 +280,7 @@ class HotRedis:
         self._protocol = None
 
 
-class HotCluster(HotRedis):
-    """A Redis Cluster, found from the one node REDIS_URL names: each command goes to the node
-    serving its first key's slot (the keys of one script share a hash tag, so one slot).
-
-    The slot map comes from CLUSTER SLOTS, loaded before the first command and again after a
-    redirect or a lost node. -MOVED (the slot has a new owner) is followed at once to the
-    node it names; -ASK (the slot is migrating and the key already left) sends ASKING and the
-    command to the importing node; -TRYAGAIN (a multi-key command during a migration) waits
-    a moment; at most MAX_REDIRECTS of these per command. -CLUSTERDOWN counts as Redis being
-    unreachable. Each node has one pipelined connection, so commands for one slot (a
-    reservation, then its lease's release) reach Redis in the order they were sent.
-
-    A subclass so that Quotas and Limits take either client; its own connection is never
-    opened (the node that REDIS_URL names gets a client of its own like any other)."""
-
-    def __init__(self, url: Secret[str]) -> None:
-        super().__init__(url)
-        if self._at.socket is not None or self._at.db:
-            raise ValueError("a Redis Cluster's REDIS_URL is redis:// or rediss://, database 0")
-        self._nodes: dict[tuple[str, int], HotRedis] = {}
-        self._seed = self._node(self._at.host, self._at.port)
-        self._slots: list[HotRedis | None] = [None] * SLOTS
-        self._stale = True  # the map is loaded before the first command
-        self._refreshing: asyncio.Lock | None = None
-        self._attempts = 0  # loads of the map tried, so that waiters share one outcome
-        self._failed = False  # the last one found no node answering
-        self.redirects = 0  # -MOVED and -ASK followed: none while the map is right
-
-    def _node(self, host: str, port: int) -> HotRedis:
-        node = self._nodes.get((host, port))
-        if node is None:
-            node = self._nodes[host, port] = HotRedis(replace(self._at, host=host, port=port))
-        return node
-
-    def _at_address(self, address: str) -> HotRedis:
-        host, _, port = address.rpartition(":")  # "10.0.0.1:6379", "[::1]:6379"
-        return self._node(host.strip("[]") or self._at.host, int(port))
-
-    async def execute(self, *args: str | int | bytes) -> Any:
-        if self._stale:
-            await self._refresh()
-        key = routing_key(args)
-        node = self._slots[key_slot(key)] if key is not None else self._seed
-        asking = False
-        for _ in range(MAX_REDIRECTS):
-            if node is None:
-                self._stale = True
-                raise RedisConnectionError("no node of the Redis Cluster serves this slot")
-            try:
-                if asking:
-                    return await node.execute_asking(*args)
-                return await node.execute(*args)
-            except ResponseError as exc:
-                redirect = await self._redirect(str(exc), node, asking)
-                if redirect is None:
-                    raise
-                node, asking = redirect
-            except (RedisConnectionError, RedisTimeoutError):
-                self._stale = True  # a node gone: a failover may have moved its slots
-                raise
-        raise RedisConnectionError("the Redis Cluster redirected a command too many times")
-
-    async def _redirect(
-        self, error: str, node: HotRedis, asking: bool
-    ) -> tuple[HotRedis, bool] | None:
-        """Where to send the command next after `error`, and whether with ASKING; None when
-        the error is the command's own."""
-        kind, _, detail = error.partition(" ")
-        if kind == "MOVED":  # "MOVED <slot> <host>:<port>"
-            self.redirects += 1
-            slot, _, address = detail.partition(" ")
-            self._stale = True  # more slots may have moved: the next command reloads the map
-            self._slots[int(slot)] = target = self._at_address(address)
-            return target, False
-        if kind == "ASK":  # "ASK <slot> <host>:<port>": for this command only
-            self.redirects += 1
-            return self._at_address(detail.partition(" ")[2]), True
-        if kind == "TRYAGAIN":
-            await asyncio.sleep(TRYAGAIN_DELAY_S)
-            return node, asking
-        if kind == "CLUSTERDOWN":
-            self._stale = True
-            raise RedisConnectionError("the Redis Cluster is down") from None
-        return None
-
-    async def _refresh(self) -> None:
-        if self._refreshing is None:
-            self._refreshing = asyncio.Lock()
-        attempt = self._attempts
-        async with self._refreshing:
-            if self._attempts != attempt:  # another command tried while this one waited
-                if self._failed:
-                    raise RedisConnectionError("no node of the Redis Cluster answered")
-                return
-            self._attempts += 1
-            self._failed = True
-            # The nodes that served slots last first, the one REDIS_URL names last (it may be
-            # the one that went away).
-            serving = {id(n): n for n in self._slots if n is not None}
-            for node in [*serving.values(), self._seed]:
-                try:
-                    reply = await node.execute("CLUSTER", "SLOTS")
-                except (RedisConnectionError, RedisTimeoutError):
-                    continue
-                self._load(reply, node._at.host)
-                self._failed = False
-                return
-            raise RedisConnectionError("no node of the Redis Cluster answered")
-
-    def _load(self, reply: list[Any], asked_host: str) -> None:
-        """CLUSTER SLOTS: [[first slot, last slot, [host, port, id, ...], replicas...], ...]."""
-        slots: list[HotRedis | None] = [None] * SLOTS
-        for first, last, primary, *_replicas in reply:
-            host = primary[0].decode() if isinstance(primary[0], bytes) else primary[0]
-            if host == "?":
-                continue  # an address nobody knows: its slots stay unserved until it has one
-            # An empty host: the node is on the host that answered, at the port given.
-            node = self._node(host or asked_host, int(primary[1]))
-            slots[first : last + 1] = [node] * (last + 1 - first)
-        self._slots = slots
-        self._stale = False
-
-    async def close(self) -> None:
-        for node in self._nodes.values():
-            await node.close()
-        self._slots = [None] * SLOTS
-        self._stale = True
+@@CLUSTER@@
 
 
 class HotScript:

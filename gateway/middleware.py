@@ -191,6 +191,7 @@ def _render(
     if error_page is not None:
         page = error_page(request, status, message, request_id)
         if page is not None:
+            page.headers.update(headers or {})  # Retry-After, Allow: as the JSON answer
             return page
     google_style = request.get(SERVICE) in sdkerrors.GOOGLE_STYLE
     return error_response(

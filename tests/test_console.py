@@ -142,3 +142,89 @@ async def test_unknown_console_page_is_an_html_404(admin_client: Client) -> None
     resp = await admin_client.get("/ui/nope")
     assert resp.status == 404
     assert resp.content_type == "text/html"
+
+
+async def test_a_session_whose_user_may_no_longer_act_ends_without_a_loop(
+    admin_client: Client, world: Any, as_admin: dict[str, str], redis_client: Any
+) -> None:
+    await sign_in(admin_client, "alice", USER_PASSWORD)
+    resp = await admin_client.put(
+        f"/users/{world.user_id}", json={"enabled": False}, headers=as_admin
+    )
+    assert resp.status == 200, await resp.text()
+    resp = await admin_client.get("/ui/", allow_redirects=False)
+    assert resp.status == 303
+    assert resp.headers["Location"].startswith("/ui/login")
+    assert await redis_client.keys(rkeys.console_session("*")) == []
+    # The login form is shown (not another redirect), with the reason.
+    html = await page(admin_client, resp.headers["Location"])
+    assert "disabled" in html
+    assert 'id="login-form"' in html
+
+
+async def test_a_password_change_in_the_same_second_ends_the_session(
+    admin_client: Client, world: Any, as_admin: dict[str, str]
+) -> None:
+    await sign_in(admin_client, "alice", USER_PASSWORD)
+    resp = await admin_client.put(
+        f"/users/{world.user_id}/password",
+        json={"new_password": "another-password-42"},
+        headers=as_admin,
+    )
+    assert resp.status in (200, 204), await resp.text()
+    resp = await admin_client.get("/ui/keys", allow_redirects=False)
+    assert resp.status == 303
+    assert resp.headers["Location"].startswith("/ui/login")
+
+
+async def test_an_unreadable_form_is_a_400_page(admin_client: Client) -> None:
+    for content_type, body in (
+        ("application/x-www-form-urlencoded", b"username=\xff\xfe"),
+        ("application/x-www-form-urlencoded; charset=bogus-xx", b"username=a"),
+        ("multipart/form-data", b"--x\r\n"),
+    ):
+        resp = await admin_client.post(
+            "/ui/login", data=body, headers={"Content-Type": content_type}
+        )
+        assert resp.status == 400, (content_type, await resp.text())
+        assert resp.content_type == "text/html"
+
+
+async def test_error_pages_keep_retry_after_and_allow(admin_client: Client) -> None:
+    resp = await admin_client.get("/ui/logout")
+    assert resp.status == 405
+    assert "POST" in resp.headers["Allow"]
+    for _ in range(6):
+        html = await page(admin_client, "/ui/login")
+        resp = await admin_client.post(
+            "/ui/login",
+            data={"csrf": csrf_in(html), "username": "bob", "password": "wrong-password-x"},
+        )
+    assert resp.status == 429
+    assert int(resp.headers["Retry-After"]) > 0
+
+
+async def test_only_the_consoles_own_notices_are_shown(admin_client: Client) -> None:
+    await sign_in(admin_client, "admin", ADMIN_PASSWORD)
+    crafted = await page(admin_client, "/ui/?notice=Call+555-0100+now")
+    assert "555-0100" not in crafted
+    resp = await submit(admin_client, "/ui/", "/ui/logout", {})
+    location = resp.headers["Location"]
+    assert "seal=" in location
+    assert "Signed out." in await page(admin_client, location)
+
+
+async def test_signing_in_again_ends_the_previous_session(
+    admin_client: Client, redis_client: Any
+) -> None:
+    await sign_in(admin_client, "admin", ADMIN_PASSWORD)
+    (first,) = await redis_client.keys(rkeys.console_session("*"))
+    # Signed in, the login form is the session's own (its CSRF token is the session's).
+    resp = await submit(
+        admin_client, "/ui/", "/ui/login", {"username": "alice", "password": USER_PASSWORD}
+    )
+    assert resp.status == 303, await resp.text()
+    keys = await redis_client.keys(rkeys.console_session("*"))
+    assert len(keys) == 1
+    assert keys != [first]
+    assert "alice" in await page(admin_client, "/ui/")

@@ -53,13 +53,17 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
             await session.check_csrf(request)
         response = await handler(request)
     except Unauthenticated as exc:
+        # A session whose user may no longer act (disabled, deleted, password changed) ends
+        # here: kept, it would bounce between the login form and the page forever.
         response = _to_login(request, exc.message)
+        await session.end(request, response)
     except web.HTTPException as exc:
         if exc.status < 400:
             _secure_headers(exc)
         raise  # errors: rendered by the app's middleware, as pages (see error_page)
     # Other errors, the database or Redis being down included, go on to the app's middleware
     # too, which counts and logs them and asks `error_page` for the answer.
+    session.seal_notice(request, response)
     _secure_headers(response)
     return response
 
@@ -113,9 +117,18 @@ def _login_page(request: web.Request, context: dict[str, Any], status: int = 200
 
 async def login_form(request: web.Request) -> web.Response:
     target = _safe_next(request.query.get("next"))
+    error = ""
     if session.SESSION_KEY in request:
-        return page.redirect(target)
-    return _login_page(request, {"next": target, "error": "", "username": ""})
+        try:
+            await page.user(request)
+        except Unauthenticated as exc:  # the user may no longer act: that session ends
+            error = exc.message
+        else:
+            return page.redirect(target)
+    response = _login_page(request, {"next": target, "error": error, "username": ""})
+    if error:
+        await session.end(request, response)
+    return response
 
 
 async def login(request: web.Request) -> web.Response:

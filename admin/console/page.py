@@ -49,7 +49,7 @@ def render(
     shared = {
         "me": request.get(CONSOLE_USER),
         "csrf": session.csrf_token(request),
-        "notice": request.query.get("notice", "")[:300],
+        "notice": session.notice(request),
         "path": request.path,
     }
     return aiohttp_jinja2.render_template(

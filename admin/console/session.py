@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
+from yarl import URL
 
 from gateway import rkeys
 from gateway.appkeys import REDIS, SETTINGS
-from gateway.errors import Forbidden, Unauthenticated
+from gateway.errors import BadRequest, Forbidden, Unauthenticated
 
 SESSION_COOKIE: Final = "wallet_console"
 LOGIN_COOKIE: Final = "wallet_console_login"
@@ -67,6 +68,8 @@ def _set_cookie(request: web.Request, response: web.StreamResponse, name: str, v
 async def start(request: web.Request, response: web.StreamResponse, user_id: str) -> None:
     """A new session for `user_id` (a new cookie at every login: no session fixation)."""
     settings = request.app[SETTINGS]
+    if SESSION_KEY in request:  # signing in again while signed in: the old one ends
+        await request.app[REDIS].delete(request[SESSION_KEY].key)
     session = Session(secrets.token_urlsafe(32), user_id, time.time())
     record = json.dumps({"user": user_id, "created": session.created})
     await request.app[REDIS].set(session.key, record, ex=settings.console_idle_timeout_s)
@@ -100,8 +103,10 @@ def require(request: web.Request) -> Session:
 
 
 async def end(request: web.Request, response: web.StreamResponse) -> None:
+    """Sign out: the record goes from Redis and the cookie from the browser."""
     if SESSION_KEY in request:
         await request.app[REDIS].delete(request[SESSION_KEY].key)
+        del request[SESSION_KEY]
     response.del_cookie(SESSION_COOKIE, path=COOKIE_PATH)
 
 
@@ -144,9 +149,39 @@ async def check_csrf(request: web.Request) -> None:
     origin = request.headers.get("Origin")
     if origin is not None and origin != "null" and origin.split("://", 1)[-1] != request.host:
         raise Forbidden("cross-origin form refused")
-    form = await request.post()
+    try:
+        form = await request.post()
+    except (ValueError, LookupError):  # not UTF-8, an unknown charset, a broken multipart
+        raise BadRequest("the form could not be read") from None
     given = form.get(CSRF_FIELD)
     nonce = request.cookies.get(LOGIN_COOKIE) if SESSION_KEY not in request else None
     expected = csrf_token(request, nonce) if (nonce or SESSION_KEY in request) else ""
     if not isinstance(given, str) or not expected or not hmac.compare_digest(given, expected):
         raise Forbidden("the form's CSRF token is missing or stale; reload the page and retry")
+
+
+def notice_seal(request: web.Request, notice: str) -> str:
+    """A notice carried in a redirect's query is shown only with this seal: a link crafted
+    elsewhere cannot put its own words in the console's notice bar."""
+    secret = request.app[SETTINGS].jwt_secret.reveal().encode()
+    digest = hmac.new(secret, f"console-notice:{notice}".encode(), hashlib.sha256)
+    return digest.hexdigest()[:32]
+
+
+def notice(request: web.Request) -> str:
+    text = request.query.get("notice", "")
+    seal = request.query.get("seal", "")
+    if text and len(text) <= 300 and hmac.compare_digest(seal, notice_seal(request, text)):
+        return text
+    return ""
+
+
+def seal_notice(request: web.Request, response: web.StreamResponse) -> None:
+    """Seal the notice of a redirect a handler answered with (see `notice`)."""
+    location = response.headers.get("Location")
+    if response.status != 303 or not location or "notice=" not in location:
+        return
+    url = URL(location)
+    text = url.query.get("notice")
+    if text:
+        response.headers["Location"] = str(url.update_query(seal=notice_seal(request, text)))
