@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from admin.auth import authenticated
 from gateway.appkeys import POOL, REDIS, SETTINGS
 from gateway.db import Connection, Record
-from gateway.errors import BadRequest
+from gateway.errors import REDIS_DOWN, BadRequest
 from gateway.monitoring import QuotaReading, quota_limit, read_quotas
 from gateway.quota import Limit
 from gateway.services import SLUG
@@ -221,7 +221,7 @@ async def _quota_readings(
     try:
         async with asyncio.timeout(QUOTA_READ_TIMEOUT_S):
             readings = await read_quotas(app[REDIS], limits, datetime.now(UTC))
-    except (RedisError, OSError, TimeoutError):
+    except (*REDIS_DOWN, RedisError, OSError, TimeoutError):
         return "unavailable", [None] * len(limits)
     return "ok", readings
 

@@ -3,7 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import ClassVar
+from typing import ClassVar, Final
+
+from redis.exceptions import ClusterDownError, RedisClusterException
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+# What the Redis clients raise when Redis does not answer: a 503, and best-effort work (a
+# publish, a gauge) goes on without it. On a cluster, redis-py raises RedisClusterException
+# (not a RedisError) when it reaches no node at all, and ClusterDownError (a ResponseError)
+# after -CLUSTERDOWN; the hot path's client raises ConnectionError for both.
+REDIS_DOWN: Final = (
+    RedisConnectionError,
+    RedisTimeoutError,
+    RedisClusterException,
+    ClusterDownError,
+)
 
 
 class WalletError(Exception):

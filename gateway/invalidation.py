@@ -24,6 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from gateway import rkeys
+from gateway.errors import REDIS_DOWN
 
 log = structlog.get_logger(__name__)
 
@@ -38,7 +39,7 @@ async def publish(redis: Redis | RedisCluster, kind: Kind, target_id: str | None
         await redis.publish(
             rkeys.invalidation_channel(), json.dumps({"kind": kind, "id": target_id})
         )
-    except RedisError as exc:
+    except (*REDIS_DOWN, RedisError) as exc:
         log.warning("invalidation_not_published", kind=kind, error=type(exc).__name__)
 
 
@@ -61,7 +62,7 @@ async def listen(
                     ready.set()
                 async for message in pubsub.listen():
                     _dispatch(message.get("data"), on_message)
-        except (RedisError, OSError) as exc:
+        except (*REDIS_DOWN, RedisError, OSError) as exc:
             log.warning("invalidation_listener_reconnecting", error=type(exc).__name__)
             attempt += 1
             await asyncio.sleep(RECONNECT_DELAY_S)

@@ -15,11 +15,10 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from multidict import istr
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway import logs, sdkerrors
 from gateway.appkeys import ERROR_PAGE, METRICS
+from gateway.errors import REDIS_DOWN as REDIS_DOWN  # also gateway/proxy.py's
 from gateway.errors import WalletError
 from gateway.logs import redact_url
 from gateway.metrics import status_class
@@ -59,7 +58,6 @@ DB_DOWN: Final = (
     ConnectionError,
     TimeoutError,
 )
-REDIS_DOWN: Final = (RedisConnectionError, RedisTimeoutError)
 UNSTORABLE_TEXT: Final = (
     asyncpg.CharacterNotInRepertoireError,
     asyncpg.UntranslatableCharacterError,

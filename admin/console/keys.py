@@ -25,7 +25,14 @@ from admin.body import pagination
 from admin.console import page
 from gateway import services
 from gateway.appkeys import POOL, REDIS, SETTINGS
-from gateway.errors import BadRequest, Conflict, UnknownService, ValidationFailed, WalletError
+from gateway.errors import (
+    REDIS_DOWN,
+    BadRequest,
+    Conflict,
+    UnknownService,
+    ValidationFailed,
+    WalletError,
+)
 from gateway.keys import STATUSES, TIERS, KeyRecord
 from gateway.monitoring import QuotaReading, quota_limit, read_quotas
 from gateway.users import User
@@ -244,7 +251,7 @@ async def _quota(request: web.Request, record: KeyRecord) -> dict[str, Any]:
                 (reading,) = await read_quotas(
                     request.app[REDIS], [(record.service, limit)], datetime.now(UTC)
                 )
-        except (RedisError, OSError, TimeoutError):
+        except (*REDIS_DOWN, RedisError, OSError, TimeoutError):
             reading = None
     return {"limit": limit, "reading": reading}
 
