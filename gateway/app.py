@@ -41,7 +41,8 @@ from gateway.ca import AUTHORITIES
 from gateway.callers import Callers
 from gateway.catalog import Catalog
 from gateway.cooldown import Cooldowns, Pressure
-from gateway.hotredis import HotCluster, HotRedis
+from gateway.hotcluster import HotCluster
+from gateway.hotredis import HotRedis
 from gateway.keypool import KeyPool
 from gateway.limits import Limits
 from gateway.metrics import Metrics

@@ -27,10 +27,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from admin.app import create_app as create_admin_app
 from admin.console import keys as console_keys
 from admin.embedded import free_port
-from gateway import hotredis, invalidation, keys, rkeys
+from gateway import hotcluster, hotredis, invalidation, keys, rkeys
 from gateway.app import create_app as create_gateway_app
 from gateway.appkeys import POOL
-from gateway.hotredis import HotCluster, HotScript, key_slot, node_address, reload_order
+from gateway.hotcluster import HotCluster, key_slot, node_address, reload_order
+from gateway.hotredis import HotScript
 from gateway.quota import REFUND, Limit, Quotas
 from gateway.secret import Secret
 from gateway.settings import Settings
@@ -294,13 +295,13 @@ async def test_a_hung_node_stalls_only_its_own_slots(
         started = time.monotonic()
         async with asyncio.timeout(5):
             await hot.reload()
-        assert time.monotonic() - started < 0.5 * hotredis.SLOTS_TIMEOUT_S
+        assert time.monotonic() - started < 0.5 * hotcluster.SLOTS_TIMEOUT_S
 
 
 async def test_a_hung_node_answers_the_slot_map_in_its_own_short_time(
     clean_cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(hotredis, "SLOTS_TIMEOUT_S", 0.3)  # a command's stays at 5 s
+    monkeypatch.setattr(hotcluster, "SLOTS_TIMEOUT_S", 0.3)  # a command's stays at 5 s
     client = HotCluster(clean_cluster.url(0))
     try:
         with clean_cluster.hung(0):
@@ -398,7 +399,7 @@ async def test_tryagain_is_waited_out_past_the_redirect_budget(
         clean_cluster.migrate([first.encode()], source, target)  # the keys apart: -TRYAGAIN
         (both,) = launch(hot.execute("MGET", first, second))
         # Longer than MAX_REDIRECTS tries TRYAGAIN_DELAY_S apart, well within the budget.
-        await asyncio.sleep(8 * hotredis.TRYAGAIN_DELAY_S)
+        await asyncio.sleep(8 * hotcluster.TRYAGAIN_DELAY_S)
         clean_cluster.migrate([second.encode()], source, target)  # together again: -ASK
         async with asyncio.timeout(2):
             assert await both == [b"1", b"2"]
