@@ -4,12 +4,14 @@ test_console_browser.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp.test_utils import TestClient
 from conftest import ADMIN_PASSWORD, USER_PASSWORD
 from consoletools import csrf_in, page, sign_in, submit
 
+from admin.app import create_app
 from admin.console import session
 from gateway import rkeys
 from gateway.settings import Settings
@@ -103,8 +105,6 @@ async def test_logout_ends_the_session_server_side(admin_client: Client, redis_c
 async def test_idle_sessions_expire(
     aiohttp_client: Any, settings: Settings, world: Any, redis_client: Any
 ) -> None:
-    from admin.app import create_app
-
     client = await aiohttp_client(create_app(with_settings(settings, console_idle_timeout_s=1)))
     await sign_in(client, "alice", USER_PASSWORD)
     (key,) = await redis_client.keys(rkeys.console_session("*"))
@@ -113,8 +113,6 @@ async def test_idle_sessions_expire(
     for _ in range(40):
         if not await redis_client.exists(key):
             break
-        import asyncio
-
         await asyncio.sleep(0.1)
     resp = await client.get("/ui/", allow_redirects=False)
     assert resp.status == 303
