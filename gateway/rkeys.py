@@ -67,3 +67,8 @@ def rotation(service: str) -> str:
 def console_session(token_digest: str) -> str:
     """One console login; named by a digest of the cookie, so Redis never holds the cookie."""
     return f"{PREFIX}:console:session:{token_digest}"
+
+
+def console_form_once(digest: str) -> str:
+    """A console form that must not act twice (issuing a token), marked when it is sent."""
+    return f"{PREFIX}:console:once:{digest}"

@@ -12,6 +12,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 CSRF = re.compile(r'name="csrf" value="([0-9a-f]{64})"')
+ONCE = re.compile(r'name="once" value="([A-Za-z0-9_-]+)"')
 
 Client = TestClient[Any, Any]
 
@@ -42,6 +43,10 @@ async def sign_in(client: Client, username: str, password: str) -> None:
 async def submit(
     client: Client, form_page: str, action: str, data: dict[str, str]
 ) -> ClientResponse:
-    """Post `data` to `action` with the CSRF token read from `form_page`, as a browser would."""
-    token = csrf_in(await page(client, form_page))
-    return await client.post(action, data={"csrf": token, **data}, allow_redirects=False)
+    """Post `data` to `action` with the CSRF token (and a form's `once` mark, when it has one)
+    read from `form_page`, as a browser would."""
+    html = await page(client, form_page)
+    hidden = {"csrf": csrf_in(html)}
+    if (once := ONCE.search(html)) is not None:
+        hidden["once"] = once[1]
+    return await client.post(action, data={**hidden, **data}, allow_redirects=False)

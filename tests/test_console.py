@@ -226,3 +226,45 @@ async def test_signing_in_again_ends_the_previous_session(
     assert len(keys) == 1
     assert keys != [first]
     assert "alice" in await page(admin_client, "/ui/")
+
+
+async def test_a_form_sent_after_the_session_ended_leads_to_sign_in_and_back(
+    admin_client: Client, redis_client: Any
+) -> None:
+    await sign_in(admin_client, "alice", USER_PASSWORD)
+    token = csrf_in(await page(admin_client, "/ui/tokens/new"))
+    for key in await redis_client.keys(rkeys.console_session("*")):
+        await redis_client.delete(key)  # as the idle timeout does
+    origin = admin_client.make_url("/ui/tokens/new")
+    resp = await admin_client.post(
+        "/ui/tokens/new",
+        data={"csrf": token, "name": "late"},
+        headers={"Referer": str(origin)},
+        allow_redirects=False,
+    )
+    assert resp.status == 303
+    location = resp.headers["Location"]
+    assert location.startswith("/ui/login?next=/ui/tokens/new")
+    assert "session ended" in await page(admin_client, location)
+
+
+async def test_a_sign_in_form_left_open_too_long_is_shown_again(admin_client: Client) -> None:
+    html = await page(admin_client, "/ui/login")
+    admin_client.session.cookie_jar.clear()  # the login cookie's hour is over
+    resp = await admin_client.post(
+        "/ui/login",
+        data={"csrf": csrf_in(html), "username": "admin", "password": ADMIN_PASSWORD},
+        allow_redirects=False,
+    )
+    assert resp.status == 403
+    text = await resp.text()
+    assert "expired" in text
+    assert 'value="admin"' in text
+    assert ADMIN_PASSWORD not in text
+    # ... with a fresh token that works.
+    resp = await admin_client.post(
+        "/ui/login",
+        data={"csrf": csrf_in(text), "username": "admin", "password": ADMIN_PASSWORD},
+        allow_redirects=False,
+    )
+    assert resp.status == 303

@@ -16,7 +16,7 @@ import asyncpg
 import pytest
 from aiohttp.test_utils import TestClient
 from conftest import ADMIN_PASSWORD, USER_PASSWORD, login
-from consoletools import csrf_in, page, sign_in, submit
+from consoletools import ONCE, csrf_in, page, sign_in, submit
 
 from admin.console import audit as audit_page
 from admin.console import snippets
@@ -44,7 +44,10 @@ def table_rows(html_text: str, table_id: str) -> list[str]:
 
 async def post_form(client: Client, data: dict[str, str | list[str]]) -> tuple[int, str]:
     """Post the token form as a browser would (each checked service a `services` field)."""
-    pairs = [("csrf", csrf_in(await page(client, "/ui/tokens/new")))] + [
+    form = await page(client, "/ui/tokens/new")
+    once = ONCE.search(form)
+    assert once is not None, "the token form carries its once mark"
+    pairs = [("csrf", csrf_in(form)), ("once", once[1])] + [
         (name, value)
         for name, values in data.items()
         for value in (values if isinstance(values, list) else [values])
@@ -53,6 +56,37 @@ async def post_form(client: Client, data: dict[str, str | list[str]]) -> tuple[i
     if resp.status == 201:
         assert resp.headers["Cache-Control"] == "no-store"
     return resp.status, await resp.text()
+
+
+async def test_sending_the_token_form_again_issues_no_second_token(
+    admin_client: Client, as_admin: dict[str, str]
+) -> None:
+    """A reload of the page that showed the token posts the same form again."""
+    await sign_in(admin_client, "admin", ADMIN_PASSWORD)
+    form = await page(admin_client, "/ui/tokens/new")
+    once = ONCE.search(form)
+    assert once is not None
+    pairs = [
+        ("csrf", csrf_in(form)),
+        ("once", once[1]),
+        ("name", "twice"),
+        ("services", "openai"),
+    ]
+    first = await admin_client.post("/ui/tokens/new", data=pairs)
+    assert first.status == 201
+    again = await admin_client.post("/ui/tokens/new", data=pairs)
+    assert again.status == 409
+    assert "already sent" in await again.text()
+    listed = await (await admin_client.get("/tokens", headers=as_admin)).json()
+    assert [t["name"] for t in listed["items"]].count("twice") == 1
+    # A form that came back with errors may be sent again, corrected.
+    form = await page(admin_client, "/ui/tokens/new")
+    once = ONCE.search(form)
+    assert once is not None
+    base = [("csrf", csrf_in(form)), ("once", once[1]), ("name", "fixed")]
+    assert (await admin_client.post("/ui/tokens/new", data=base)).status == 422
+    fixed = await admin_client.post("/ui/tokens/new", data=[*base, ("services", "openai")])
+    assert fixed.status == 201
 
 
 async def issue(client: Client, **fields: str | list[str]) -> tuple[str, str, str]:

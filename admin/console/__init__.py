@@ -23,10 +23,10 @@ from admin.console import audit, dashboard, keys, page, services, session, token
 from admin.console.page import PREFIX, render
 from gateway import tasks
 from gateway.appkeys import ERROR_PAGE
-from gateway.errors import Unauthenticated, ValidationFailed
-from gateway.middleware import REQUEST_ID
+from gateway.errors import Forbidden, Unauthenticated, ValidationFailed
 
 HERE: Final = Path(__file__).parent
+LOGIN: Final = f"{PREFIX}/login"
 SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
 # Pages load only their own CSS, scripts and images: no inline script can run, so markup
 # that slipped past escaping could not act either.
@@ -50,7 +50,16 @@ async def middleware(request: web.Request, handler: Handler) -> web.StreamRespon
     try:
         await session.load(request)
         if request.method not in SAFE_METHODS:
-            await session.check_csrf(request)
+            if path == LOGIN:
+                refused = await _refused_login(request)
+                if refused is not None:
+                    return refused
+            elif session.SESSION_KEY not in request:
+                # Not a forgery to report: the session ended (idle, signed out elsewhere)
+                # while the form was open. Nothing can act without one anyway.
+                raise Unauthenticated("your session ended, so that was not saved; sign in again")
+            else:
+                await session.check_csrf(request)
         response = await handler(request)
     except Unauthenticated as exc:
         # A session whose user may no longer act (disabled, deleted, password changed) ends
@@ -73,13 +82,34 @@ def _secure_headers(response: web.StreamResponse) -> None:
         response.headers[name] = value
 
 
+async def _refused_login(request: web.Request) -> web.Response | None:
+    """The sign-in form again when its CSRF check fails (None when it passes): a form left
+    open past its login cookie's hour is the usual cause, not a forgery."""
+    try:
+        await session.check_csrf(request)
+    except Forbidden:
+        form = await request.post()
+        username = form.get("username")
+        context = {
+            "next": _safe_next(form.get("next")),
+            "error": "This sign-in form expired; sign in again.",
+            "username": username if isinstance(username, str) else "",
+        }
+        response = _login_page(request, context, 403)
+        _secure_headers(response)
+        return response
+    return None
+
+
 def _to_login(request: web.Request, message: str) -> web.Response:
-    if request.method in SAFE_METHODS:
-        target = URL(f"{PREFIX}/login").with_query(next=request.path_qs)
-        return page.redirect(str(target), message)
-    return error_page(request, 401, message, request.get(REQUEST_ID, "")) or web.Response(
-        status=401
-    )
+    """To the sign-in form, then back: to this page, or for a form, to the page it was on."""
+    back = request.path_qs
+    if request.method not in SAFE_METHODS:
+        referer = URL(request.headers.get("Referer", ""))
+        same_site = referer.host is None or referer.host_port_subcomponent == request.host
+        back = referer.path_qs if same_site and referer.path.startswith(PREFIX + "/") else ""
+    target = URL(LOGIN).with_query(next=_safe_next(back))
+    return page.redirect(str(target), message)
 
 
 def error_page(

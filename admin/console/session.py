@@ -185,3 +185,27 @@ def seal_notice(request: web.Request, response: web.StreamResponse) -> None:
     text = url.query.get("notice")
     if text:
         response.headers["Location"] = str(url.update_query(seal=notice_seal(request, text)))
+
+
+ONCE_FIELD: Final = "once"
+ONCE_TTL_S: Final = 86400
+
+
+def once_token() -> str:
+    """A form's mark that it may act only once (see `claim_once`)."""
+    return secrets.token_urlsafe(16)
+
+
+async def claim_once(request: web.Request, mark: object) -> bool:
+    """Whether this form (by its `once` mark, within this session) is sent for the first time:
+    a reload of the page that answered it sends it again, and must not act again."""
+    if not isinstance(mark, str) or not 8 <= len(mark) <= 64:
+        return False
+    key = rkeys.console_form_once(_digest(f"{require(request).token}:{mark}"))
+    return bool(await request.app[REDIS].set(key, "1", nx=True, ex=ONCE_TTL_S))
+
+
+async def release_once(request: web.Request, mark: str) -> None:
+    """The form did not act (it came back with errors): it may be sent again."""
+    key = rkeys.console_form_once(_digest(f"{require(request).token}:{mark}"))
+    await request.app[REDIS].delete(key)

@@ -19,7 +19,7 @@ from multidict import MultiDictProxy
 from admin import tokens_api
 from admin.auth import owner_scope
 from admin.body import pagination
-from admin.console import page, snippets
+from admin.console import page, session, snippets
 from gateway import limits, services, tokens, users
 from gateway.appkeys import POOL, SETTINGS
 from gateway.errors import (
@@ -156,6 +156,7 @@ async def new_form(request: web.Request) -> web.Response:
     typed: dict[str, Any] = {name: "" for name in FIELDS}
     typed["budget_period"] = "monthly"
     typed["services"] = []
+    typed["once"] = session.once_token()
     return await _new_page(request, user, typed, {})
 
 
@@ -164,9 +165,18 @@ async def issue(request: web.Request) -> web.Response:
     form = await request.post()
     typed: dict[str, Any] = {name: _text(form, name) for name in FIELDS}
     typed["services"] = [s for s in form.getall("services", []) if isinstance(s, str)]
+    typed["once"] = _text(form, session.ONCE_FIELD)
+    # A reload of the page that showed the token posts this form again: it must not issue a
+    # second live token that nobody copied.
+    if not await session.claim_once(request, typed["once"]):
+        raise Conflict(
+            "this form was already sent: its token was shown once, on the page that answered "
+            "it. Create a new token if that one was not copied (and revoke the other)."
+        )
     try:
         record, token = await tokens_api.issue_token(request, user, body_from_form(typed))
     except FORM_ERRORS as exc:
+        await session.release_once(request, typed["once"])
         return await _new_page(
             request, user, typed, _errors(exc), 409 if isinstance(exc, Conflict) else 422
         )

@@ -13,3 +13,8 @@ document.addEventListener("submit", (event) => {
   const message = event.target.dataset.confirm;
   if (message && !window.confirm(message)) event.preventDefault();
 });
+// A page brought back from the browser's back-forward cache was not asked of the server: ask
+// again, so a session that ended meanwhile (idle, signed out) shows the sign-in form instead.
+window.addEventListener("pageshow", (event) => {
+  if (event.persisted) window.location.reload();
+});
