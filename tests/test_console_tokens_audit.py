@@ -382,6 +382,20 @@ async def test_the_audit_page_lists_searches_and_verifies(admin_client: Client) 
     assert 'option value="token.revoke"' in everything
 
 
+async def test_a_large_audit_log_is_verified_when_asked(
+    admin_client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Verifying reads every record: past AUTO_VERIFY_MAX the page waits to be asked."""
+    monkeypatch.setattr(audit_page, "AUTO_VERIFY_MAX", 0)
+    await sign_in(admin_client, "admin", ADMIN_PASSWORD)
+    await issue(admin_client, name="one-more-record")
+    html = await page(admin_client, "/ui/audit?q=token")
+    assert element(html, "audit-verify").startswith("Not verified yet")
+    assert "verify=1" in html
+    asked = await page(admin_client, "/ui/audit?q=token&verify=1")
+    assert element(asked, "audit-verify") == "intact"
+
+
 async def test_the_audit_api_searches_as_the_page_does(
     admin_client: Client, as_admin: dict[str, str]
 ) -> None:
