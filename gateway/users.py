@@ -44,6 +44,7 @@ RETURNING id, username, role, enabled, password_changed_at, created_at, updated_
 UPDATE_HASH: Final = """UPDATE users SET password_hash = $2, password_changed_at = now(),
 updated_at = now() WHERE id = $1"""
 DELETE: Final = "DELETE FROM users WHERE id = $1"
+USERNAMES: Final = "SELECT id, username FROM users WHERE id = ANY($1::uuid[])"
 ACTIVE_ADMINS: Final = "SELECT count(*) FROM users WHERE role = 'ADMIN' AND enabled"
 # Serialises changes that could remove the last active admin.
 ADMIN_LOCK: Final = 0xAD314
@@ -165,6 +166,16 @@ async def get_user(conn: Connection, user_id: str | uuid.UUID) -> User:
 async def list_users(conn: Connection, limit: int, offset: int) -> tuple[list[User], int]:
     rows = await conn.fetch(LIST, limit, offset)
     return [_from_row(r) for r in rows], await conn.fetchval(COUNT)
+
+
+async def usernames(conn: Connection, user_ids: Iterable[str]) -> dict[str, str]:
+    """`{user id: username}` for these ids, in one query (a page naming the owners of the
+    rows it lists); an id with no user is left out."""
+    ids = [uuid.UUID(user_id) for user_id in set(user_ids)]
+    if not ids:
+        return {}
+    rows = await conn.fetch(USERNAMES, ids)
+    return {str(row["id"]): row["username"] for row in rows}
 
 
 async def create_user(

@@ -173,3 +173,36 @@ def test_numbers_as_labels() -> None:
     assert number(2.5) == "2.5"
     assert number(1 / 3) == "0.3333"
     assert number(math.inf) == "0"
+
+
+def x_label_extent(text: ET.Element) -> tuple[float, float]:
+    """Where an x label's text runs from and to, estimated as the chart does."""
+    at = float(text.attrib["x"])
+    width = len(text.text or "") * charts.CHAR_WIDTH
+    start = {"start": at, "middle": at - width / 2, "end": at - width}[text.attrib["text-anchor"]]
+    return start, start + width
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 24, 30, 31, 60, 168])
+@pytest.mark.parametrize("label", ["Nov 26", "Tue 13:00", "a much longer label, say"])
+def test_x_labels_stay_inside_the_chart(count: int, label: str) -> None:
+    labels = [label] * count
+    root = parse(line_chart("c", "t", labels, [Series("requests", list(range(count)))]))
+    width = float(root.attrib["viewBox"].split()[2])
+    axis = next(g for g in root.iter(f"{SVG}g") if g.attrib.get("class") == "axis")
+    x_labels = [t for t in axis.iter(f"{SVG}text") if t.text == label]
+    assert x_labels
+    for text in x_labels:
+        start, end = x_label_extent(text)
+        assert start >= 0, (count, text.attrib)
+        assert end <= width, (count, text.attrib)
+
+
+def test_the_last_point_s_label_ends_at_the_right_edge() -> None:
+    # 31 days: labels every 6th day, the last one on the last point (the chart's right edge).
+    labels = [f"Nov {day:02d}" for day in range(1, 32)]
+    root = parse(line_chart("c", "t", labels, [Series("requests", [1] * 31)]))
+    anchors = {t.text: t.attrib.get("text-anchor") for t in root.iter(f"{SVG}text")}
+    assert anchors["Nov 01"] == "start"
+    assert anchors["Nov 13"] == "middle"
+    assert anchors["Nov 31"] == "end"

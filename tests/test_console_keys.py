@@ -9,12 +9,17 @@ import json
 import re
 import secrets
 import uuid
+from pathlib import Path
 from typing import Any
 
+import jinja2
+import pytest
 from aiohttp.test_utils import TestClient
 from conftest import ADMIN_PASSWORD, USER_PASSWORD
 from consoletools import page, sign_in, submit
 
+from admin.console import keys as console_keys
+from admin.console.keys import choose_message
 from gateway import keys, rkeys
 from gateway.appkeys import POOL, VAULT
 
@@ -94,7 +99,7 @@ async def test_list_filters_and_pages_show_only_own_keys_masked(
     first = await page(admin_client, "/ui/keys")
     assert len(table_ids(first)) == 25
     assert "1–25 of 30" in first
-    assert 'offset=25" rel="next"' in first
+    assert 'href="?offset=25" rel="next"' in first  # no filters: no stray "&"
     second = await page(admin_client, "/ui/keys?offset=25")
     assert len(table_ids(second)) == 5
     assert set(table_ids(first) + table_ids(second)) == set(made)
@@ -228,7 +233,8 @@ async def test_unknown_format_asks_for_the_service_without_echoing_the_key(
     html = await resp.text()
     assert secret not in html
     error = html.split('id="e-service">', 1)[1].split("</small>", 1)[0]
-    assert "does not identify its service" in error
+    assert error == "The key&#39;s format does not say which service it is for: choose one."
+    assert "`service`" not in html  # the API's wording stays the API's
     # The select now offers the candidates (every service), no longer "detect".
     options = html.split('id="f-service">', 1)[1].split("</select>", 1)[0]
     assert "Detect" not in options
@@ -567,3 +573,133 @@ async def test_no_page_renders_a_plaintext_secret(
     for path, html in zip(pages, seen, strict=True):
         for value in (secret, new, secret[8:], new[8:]):
             assert value not in html, path
+
+
+def summary(html: str) -> str:
+    """The error summary at the top of a page shown again after a failed form."""
+    assert html.count('id="form-errors"') == 1, html[:500]
+    return html.split('id="form-errors">', 1)[1].split("</p>", 1)[0]
+
+
+async def test_a_failed_edit_or_rotate_says_so_at_the_top_with_a_link_to_the_field(
+    admin_client: Client, as_alice: dict[str, str]
+) -> None:
+    key = await api_key(admin_client, as_alice, name="summarised")
+    await sign_in(admin_client, "alice", USER_PASSWORD)
+    detail = f"/ui/keys/{key['id']}"
+    assert 'id="form-errors"' not in await page(admin_client, detail)
+
+    data = {"name": "summarised", "tier": "paid", "priority": "0", "metadata": '{"quota": -1}'}
+    html = await (await submit(admin_client, detail, detail, data)).text()
+    said = summary(html)
+    assert said.startswith("Not saved:")
+    assert '<a href="#f-metadata">metadata</a>: quota: must be a whole number' in said
+    # Under the title, above the facts and the forms far below it.
+    assert html.index("</h1>") < html.index('id="form-errors"') < html.index('id="key-facts"')
+    assert 'id="f-metadata"' in html
+
+    taken = await stored_secret(admin_client, (await api_key(admin_client, as_alice))["id"])
+    resp = await submit(admin_client, detail, f"{detail}/rotate", {"key": taken})
+    assert resp.status == 409
+    html = await resp.text()
+    assert '<a href="#f-key">key</a>: ' in summary(html)
+    assert "already stored" in summary(html)
+    assert taken not in html
+
+    # The address a failed rotation leaves in the address bar leads back to the key's page.
+    resp = await admin_client.get(f"{detail}/rotate", allow_redirects=False)
+    assert (resp.status, resp.headers["Location"]) == (303, detail)
+
+
+async def test_a_failed_add_says_so_at_the_top(
+    admin_client: Client, as_alice: dict[str, str]
+) -> None:
+    await sign_in(admin_client, "alice", USER_PASSWORD)
+    data = {"key": openai_secret(), "service": "openai", "priority": "lots"}
+    html = await (await submit(admin_client, "/ui/keys/new", "/ui/keys/new", data)).text()
+    assert '<a href="#f-priority">priority</a>' in summary(html)
+    assert summary(html).startswith("Not added:")
+    assert html.index('id="form-errors"') < html.index('id="key-form"')
+
+
+async def test_the_rotate_address_of_another_users_key_is_a_404(
+    admin_client: Client, as_bob: dict[str, str]
+) -> None:
+    theirs = await api_key(admin_client, as_bob)
+    await sign_in(admin_client, "alice", USER_PASSWORD)
+    await page(admin_client, f"/ui/keys/{theirs['id']}/rotate", 404)
+
+
+def test_the_choose_message_names_the_fitting_services_in_plain_words() -> None:
+    known = {"openai", "stripe", "custom"}
+    assert choose_message(["custom", "openai", "stripe"], known) == (
+        "The key's format does not say which service it is for: choose one."
+    )
+    assert choose_message(["openai", "custom"], known) == (
+        "The key's format fits several services (openai, custom): choose one."
+    )
+
+
+async def test_an_admin_sees_each_keys_owner_and_a_user_does_not(
+    admin_client: Client, as_alice: dict[str, str], as_bob: dict[str, str]
+) -> None:
+    alices = await api_key(admin_client, as_alice, name="alice owns")
+    bobs = await api_key(admin_client, as_bob, name="bob owns")
+    await sign_in(admin_client, "admin", ADMIN_PASSWORD)
+    html = await page(admin_client, "/ui/keys")
+    head = html.split('<table id="keys">', 1)[1].split("</thead>", 1)[0]
+    assert "<th>Owner</th>" in head
+    rows = html.split("<tbody>", 1)[1].split("</tbody>", 1)[0].split("<tr>")[1:]
+    owner_of = {KEY_LINK.findall(row)[0]: row.split('class="owner">', 1)[1] for row in rows}
+    assert ">alice</a>" in owner_of[alices["id"]]
+    assert "bob" not in owner_of[alices["id"]]
+    assert ">bob</a>" in owner_of[bobs["id"]]
+    detail = await page(admin_client, f"/ui/keys/{bobs['id']}")
+    owner = detail.split('id="key-owner">', 1)[1].split("</dd>", 1)[0]
+    assert ">bob</a>" in owner
+    assert f'href="/ui/users/{bobs["owner_id"]}"' in owner
+
+    admin_client.session.cookie_jar.clear()  # signed out
+    await sign_in(admin_client, "alice", USER_PASSWORD)
+    html = await page(admin_client, "/ui/keys")
+    assert "Owner" not in html.split('<table id="keys">', 1)[1]
+    assert 'class="owner"' not in html
+    assert 'id="key-owner"' not in await page(admin_client, f"/ui/keys/{alices['id']}")
+
+
+@pytest.fixture(scope="module")
+def macros() -> Any:
+    """The console's macros.html, loaded as the console loads its templates."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(Path(console_keys.__file__).parent / "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    return env.get_template("macros.html").module
+
+
+def test_pager_links_without_filters_have_no_stray_ampersand(macros: Any) -> None:
+    html = str(macros.pager(60, 25, 25, {}))
+    assert 'href="?offset=0" rel="prev"' in html
+    assert 'href="?offset=50" rel="next"' in html
+    assert "?&" not in html
+    kept = str(macros.pager(60, 25, 25, {"tier": "free", "service": "a b"}))
+    assert 'href="?tier=free&amp;service=a+b&amp;offset=50" rel="next"' in kept
+
+
+def test_pager_for_no_items_and_past_the_end(macros: Any) -> None:
+    empty = str(macros.pager(0, 25, 0, {}))
+    assert "No items" in empty
+    assert "none of" not in empty
+    assert "<a " not in empty
+    past = str(macros.pager(30, 25, 50, {"tier": "free"}))
+    assert "none of 30 here" in past
+    assert '<a href="?tier=free">First page</a>' in past
+
+
+def test_the_error_summary_leaves_the_form_error_to_the_form(macros: Any) -> None:
+    assert str(macros.error_summary({})).strip() == ""
+    assert str(macros.error_summary({"form": "the database said no"})).strip() == ""
+    both = str(macros.error_summary({"form": "f", "name": "<b>must not be empty</b>"}))
+    assert '<a href="#f-name">name</a>: &lt;b&gt;must not be empty&lt;/b&gt;' in both
+    assert both.count("<a ") == 1  # the form error is not listed

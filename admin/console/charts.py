@@ -25,6 +25,9 @@ NICE_STEPS: Final = (1.0, 2.0, 2.5, 5.0, 10.0)
 MAX_X_LABELS: Final = 6
 MAX_MARKED_POINTS: Final = 48  # beyond this, dots on every point would blur into the line
 LABEL_CHARS: Final = 22
+# A generous width of one character of the axis text (11px in console.css): what keeps an
+# x label whose middle is near an edge from being cut off there.
+CHAR_WIDTH: Final = 7.0
 
 # Line chart: room for the legend above, the y labels left, the x labels below.
 LINE_WIDTH: Final = 720
@@ -121,6 +124,18 @@ def _summary(labels: Sequence[str], series: Sequence[tuple[Series, list[float]]]
     return f"{len(labels)} points from {labels[0]} to {labels[-1]}. " + " ".join(sentences)
 
 
+def _x_anchor(i: int, count: int, at: float, label: str, width: int) -> str:
+    """How the label of point `i` of `count` lines up with its x position `at`: the first
+    starts there and the last ends there (they sit on the plot's edges), any other is centred
+    unless half of it would pass an edge of the chart."""
+    half = len(label) * CHAR_WIDTH / 2
+    if (count > 1 and i == 0) or at - half < 0:
+        return "start"
+    if (count > 1 and i == count - 1) or at + half > width:
+        return "end"
+    return "middle"
+
+
 def line_chart(
     chart_id: str,
     title: str,
@@ -157,7 +172,7 @@ def line_chart(
         )
     step = math.ceil(count / MAX_X_LABELS)
     for i in range(0, count, step):
-        anchor = "start" if count > 1 and i == 0 else "middle"
+        anchor = _x_anchor(i, count, x(i), labels[i], width)
         parts.append(
             Markup('<text x="{:.1f}" y="{}" text-anchor="{}">{}</text>').format(
                 x(i), height - 8, anchor, labels[i]

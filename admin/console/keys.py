@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from admin import keys_api
 from admin.body import pagination
 from admin.console import page
-from gateway import services
+from gateway import services, users
 from gateway.appkeys import POOL, REDIS, SETTINGS
 from gateway.errors import (
     REDIS_DOWN,
@@ -116,6 +116,15 @@ def _choices(values: tuple[str, ...], blank: str) -> list[tuple[str, str]]:
     return [("", blank), *((v, v) for v in values)]
 
 
+async def _owners(request: web.Request, user: User, records: list[KeyRecord]) -> dict[str, str]:
+    """`{owner id: username}` for the keys shown, looked up once per page; empty for a USER,
+    who sees only their own keys and no owner."""
+    if not user.is_admin or not records:
+        return {}
+    async with request.app[POOL].acquire() as conn:
+        return await users.usernames(conn, (r.owner_id for r in records))
+
+
 # --- the list ---
 
 
@@ -132,6 +141,8 @@ async def list_page(request: web.Request) -> web.Response:
     free_quota = request.app[SETTINGS].default_free_quota
     context = {
         "keys": items,
+        "show_owner": user.is_admin,
+        "owners": await _owners(request, user, items),
         "quotas": {k.id: quota_limit(k.id, k.tier, k.metadata, free_quota) for k in items},
         "total": total,
         "limit": PER_PAGE,
@@ -174,6 +185,7 @@ async def _new_page(
         names = {s.slug: s.name for s in known}
         choose = ("", "Choose the key's service")
         service_options = [choose, *((c, f"{names.get(c, c)} ({c})") for c in candidates)]
+        errors = {**errors, "service": choose_message(candidates, set(names))}
     else:
         detect = ("", "Detect from the key's format")
         service_options = [detect, *((s.slug, f"{s.name} ({s.slug})") for s in known)]
@@ -185,6 +197,14 @@ async def _new_page(
         "key_note": KEY_NOT_SHOWN if errors else "",
     }
     return page.render(request, "keys_new.html", context, status=status)
+
+
+def choose_message(candidates: list[str], known: set[str]) -> str:
+    """The form's words for the API's "say which with `service`" (the service slugs it offers
+    to choose from): every `known` service when the format fits none, else those it fits."""
+    if set(candidates) >= known:
+        return "The key's format does not say which service it is for: choose one."
+    return f"The key's format fits several services ({', '.join(candidates)}): choose one."
 
 
 async def new_form(request: web.Request) -> web.Response:
@@ -258,13 +278,17 @@ async def _quota(request: web.Request, record: KeyRecord) -> dict[str, Any]:
 
 async def _detail_page(
     request: web.Request,
+    user: User,
     record: KeyRecord,
     edit: dict[str, Any] | None = None,
     errors: dict[str, str] | None = None,
     status: int = 200,
 ) -> web.Response:
+    owners = await _owners(request, user, [record])
     context = {
         "key": record,
+        "show_owner": user.is_admin,
+        "owner": owners.get(record.owner_id, ""),
         "edit": edit if edit is not None else _edit_values(record),
         "errors": errors or {},
         "tier_options": [(t, t) for t in TIERS],
@@ -285,8 +309,15 @@ async def _owned(request: web.Request) -> tuple[User, KeyRecord]:
 
 
 async def detail(request: web.Request) -> web.Response:
+    user, record = await _owned(request)
+    return await _detail_page(request, user, record)
+
+
+async def rotated_address(request: web.Request) -> web.Response:
+    """A failed rotation shows the key's page at /rotate (a POST's answer); opening that
+    address again (a bookmark, Enter in the address bar) leads back to the key's page."""
     _, record = await _owned(request)
-    return await _detail_page(request, record)
+    return page.redirect(f"{BASE}/{record.id}")
 
 
 def _edit_changes(record: KeyRecord, typed: dict[str, Any]) -> dict[str, Any]:
@@ -314,7 +345,7 @@ async def edit(request: web.Request) -> web.Response:
             return page.redirect(f"{BASE}/{record.id}", "Nothing to change.")
         await keys_api.change_key(request, user, record.id, changes)
     except FORM_ERRORS as exc:
-        return await _detail_page(request, record, typed, _errors(exc), _status(exc))
+        return await _detail_page(request, user, record, typed, _errors(exc), _status(exc))
     return page.redirect(f"{BASE}/{record.id}", "Saved.")
 
 
@@ -324,7 +355,7 @@ async def rotate(request: web.Request) -> web.Response:
     try:
         updated = await keys_api.change_key(request, user, record.id, {"key": _text(form, "key")})
     except FORM_ERRORS as exc:
-        return await _detail_page(request, record, None, _errors(exc), _status(exc))
+        return await _detail_page(request, user, record, None, _errors(exc), _status(exc))
     return page.redirect(f"{BASE}/{record.id}", f"New secret stored ({updated.masked}).")
 
 
@@ -364,6 +395,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get(BASE + "/{id}", detail, name="ui.keys.detail")
     app.router.add_post(BASE + "/{id}", edit, name="ui.keys.edit")
     app.router.add_post(BASE + "/{id}/rotate", rotate, name="ui.keys.rotate")
+    app.router.add_get(BASE + "/{id}/rotate", rotated_address, name="ui.keys.rotate.address")
     app.router.add_post(BASE + "/{id}/disable", disable, name="ui.keys.disable")
     app.router.add_post(BASE + "/{id}/enable", enable, name="ui.keys.enable")
     app.router.add_post(BASE + "/{id}/activate", activate, name="ui.keys.activate")
