@@ -16,9 +16,10 @@ from admin.body import (
     read_object,
     reject_unknown,
 )
-from gateway import invalidation, keyformat, keys, services
+from gateway import cooldown, invalidation, keyformat, keys, services
 from gateway.appkeys import POOL, REDIS, VAULT
 from gateway.errors import BadRequest, ValidationFailed
+from gateway.ids import parse_id
 from gateway.secret import Secret
 from gateway.users import User
 from gateway.vault import mask
@@ -179,6 +180,7 @@ async def change_key(
             _changes(body, secret),
             secret,
         )
+    await cooldown.forget(request.app[REDIS], record.id)
     await invalidation.publish(request.app[REDIS], "key", record.id)
     return record
 
@@ -195,6 +197,8 @@ async def remove_key(request: web.Request, user: User, key_id: str) -> None:
     console's delete confirmation."""
     async with request.app[POOL].acquire() as conn:
         await keys.delete_key(conn, user.actor(source(request)), owner_scope(user), key_id)
+    key_id = str(parse_id(key_id, "key"))  # as the gateways know it (it was found: well formed)
+    await cooldown.forget(request.app[REDIS], key_id)
     await invalidation.publish(request.app[REDIS], "key", key_id)
 
 

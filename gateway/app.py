@@ -102,6 +102,8 @@ async def caches_ctx(app: web.Application) -> AsyncIterator[None]:
         callers.clear()
         keypool.clear()
         catalog.invalidate()
+        # Rests announced while we were not listening (or before this process started).
+        tasks.spawn(app, "cooldowns-load", cooldowns.load())
         # A `wallet ca rotate` announced while we were not listening: load the CA again
         # (not yet there on the first subscription: authorities_ctx runs after this one).
         authorities = app.get(AUTHORITIES)

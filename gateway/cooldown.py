@@ -5,8 +5,10 @@ answer), the key rests for the upstream's `Retry-After` (or `retry-after-ms`, or
 rate-limit reset headers), a per-signal default if it gives none, and comes back on its own
 afterwards. The
 process that saw the refusal tells every gateway process over the invalidation channel, and
-each keeps the resting keys in memory, so choosing a key costs no round trip. A process that
-starts later, or misses the message, learns it the same way: the key's next refusal.
+each keeps the resting keys in memory, so choosing a key costs no round trip. The rest is
+also written to one Redis hash, which a process reads whenever it (re)subscribes: one that
+starts later, or missed messages while Redis was away, knows the keys resting already (the
+admin console's dashboard too). An admin's change to a key ends its rest everywhere.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from collections.abc import Mapping
 from email.utils import parsedate_to_datetime
 from typing import Final
 
+import structlog
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
 
-from gateway import invalidation
+from gateway import invalidation, rkeys
+from gateway.errors import REDIS_DOWN
 
+log = structlog.get_logger(__name__)
 DEFAULT_S: Final = 60.0
 MAX_S: Final = 24 * 3600.0  # an upstream cannot bench a key for longer than a day
 
@@ -75,7 +81,31 @@ class Cooldowns:
         """Rest `key_id` here at once, and on every other gateway process within a moment."""
         until = time.time() + seconds
         self.note(key_id, until)
+        try:
+            await self._redis.hset(rkeys.cooldowns(), key_id, f"{until:.3f}")
+        except (*REDIS_DOWN, RedisError) as exc:  # best effort, as the announcement
+            log.warning("cooldown_not_stored", key_id=key_id, error=type(exc).__name__)
         await invalidation.publish(self._redis, "cooldown", f"{key_id} {until:.3f}")
+
+    async def load(self) -> None:
+        """The rests announced before this process listened (ended ones are dropped)."""
+        try:
+            stored = await self._redis.hgetall(rkeys.cooldowns())
+            now, ended = time.time(), []
+            for raw_id, raw_until in stored.items():
+                key_id = _text(raw_id)
+                try:
+                    until = float(_text(raw_until))
+                except ValueError:
+                    until = 0.0
+                if until > now:
+                    self.note(key_id, until)
+                else:
+                    ended.append(key_id)
+            if ended:
+                await self._redis.hdel(rkeys.cooldowns(), *ended)
+        except (*REDIS_DOWN, RedisError) as exc:
+            log.warning("cooldowns_not_loaded", error=type(exc).__name__)
 
     def note(self, key_id: str, until: float) -> None:
         if until > self._until.get(key_id, 0.0):
@@ -92,6 +122,19 @@ class Cooldowns:
             self.note(key_id, float(until))
         except ValueError:
             return
+
+
+async def forget(redis: Redis | RedisCluster, key_id: str) -> None:
+    """An admin changed or deleted the key: its stored rest goes (the `key` invalidation
+    ends it in each process's memory)."""
+    try:
+        await redis.hdel(rkeys.cooldowns(), key_id)
+    except (*REDIS_DOWN, RedisError) as exc:
+        log.warning("cooldown_not_forgotten", key_id=key_id, error=type(exc).__name__)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 # Upstream rate-limit headers: how many requests a key has left in the upstream's own window.

@@ -72,3 +72,9 @@ def console_session(token_digest: str) -> str:
 def console_form_once(digest: str) -> str:
     """A console form that must not act twice (issuing a token), marked when it is sent."""
     return f"{PREFIX}:console:once:{digest}"
+
+
+def cooldowns() -> str:
+    """Every resting key's end (field: key id, value: epoch seconds), for processes that
+    start after a rest was announced."""
+    return f"{PREFIX}:{{cooldowns}}"

@@ -13,11 +13,13 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 
+from admin.app import create_app
 from admin.console.dashboard import RESTING_READY
 from gateway.appkeys import POOL
+from gateway.cooldown import Cooldowns
 from gateway.quota import window
 from gateway.usage import USAGE
-from tests.conftest import ADMIN_PASSWORD, USER_PASSWORD
+from tests.conftest import ADMIN_PASSWORD, USER_PASSWORD, login
 from tests.consoletools import page, sign_in
 from tests.fakes import FakeUpstream
 from tests.test_charts import parse, texts
@@ -333,3 +335,33 @@ async def test_markup_in_a_key_name_stays_text_everywhere(
     titles = texts(parse(element(html, "chart-key-requests")), "title")
     assert f"{EVIL}: 1" in titles  # the name, as text, inside the SVG
     assert f'aria-label="{ESCAPED}: 1 of 1 used"' in element(html, "quota")
+
+
+async def test_a_rest_announced_before_the_admin_started_is_listed(
+    aiohttp_client: Any, settings: Any, world: Any, redis_client: Any
+) -> None:
+    """Rests are stored in Redis too: an admin (or gateway) process that starts later reads
+    them when it subscribes."""
+    first = await aiohttp_client(create_app(settings))
+    jwt = await login(first)
+    key_id = await add_key(first, jwt, key="sk-proj-" + "T" * 40, name="tired-key", tier="paid")
+    await Cooldowns(redis_client).rest(key_id, 600)  # as a gateway does, before we listen
+
+    later = await aiohttp_client(create_app(settings))
+    await later.app[RESTING_READY].wait()
+    await sign_in(later, "admin", ADMIN_PASSWORD)
+    cooling: dict[str, list[str]] = {}
+    for _ in range(50):  # the load runs right after the subscription
+        html = await page(later, "/ui/")
+        cooling = {r[0]: r for r in rows(html, "cooling-table")} if "cooling-table" in html else {}
+        if "tired-key" in cooling:
+            break
+        await asyncio.sleep(0.1)
+    assert "upstream refused it" in cooling["tired-key"][2]
+
+    # An admin's change ends the stored rest too: a process starting after it knows nothing.
+    resp = await first.put(f"/keys/{key_id}", json={"priority": 3}, headers=jwt)
+    assert resp.status == 200
+    fresh = Cooldowns(redis_client)
+    await fresh.load()
+    assert fresh.resting(key_id) == 0

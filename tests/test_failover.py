@@ -182,6 +182,28 @@ async def test_a_rest_reaches_the_other_gateway_processes(
         pytest.fail("the other gateway process kept trying the resting key")
 
 
+async def test_a_gateway_started_after_a_rest_skips_the_resting_key(
+    setup: Setup,
+    gateway_client: TestClient[Any, Any],
+    aiohttp_client: Any,
+    settings: Settings,
+) -> None:
+    auth = {"X-Wallet-Token": setup.token}
+    resp = await gateway_client.get("/openai/v1/models", headers=auth)
+    assert resp.headers["X-Wallet-Fallbacks"] == "1"  # the refused key now rests
+    later: TestClient[Any, Any] = await aiohttp_client(create_gateway_app(settings))
+    for _ in range(40):  # it reads the stored rests right after subscribing
+        if later.app[COOLDOWNS].resting(setup.free_id) > 0:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        pytest.fail("a gateway started after the rest does not know of it")
+    # So its very first request goes straight to the other key.
+    resp = await later.get("/openai/v1/models", headers=auth)
+    assert resp.status == 200
+    assert resp.headers["X-Wallet-Fallbacks"] == "0"
+
+
 async def test_a_key_the_upstream_rejects_is_marked_invalid_until_an_admin_says_otherwise(
     setup: Setup,
     gateway_client: TestClient[Any, Any],

@@ -103,14 +103,14 @@ async def resting_ctx(app: web.Application) -> AsyncIterator[None]:
         elif kind == "key" and target is not None:
             resting.lift(target)
 
+    def on_reset() -> None:
+        """(Re)subscribed: the rests announced while not listening, from Redis."""
+        tasks.spawn(app, "console-rests-load", resting.load())
+
     tasks.spawn(
-        app, "console-rest-listener", invalidation.listen(app[REDIS], on_message, _keep, ready)
+        app, "console-rest-listener", invalidation.listen(app[REDIS], on_message, on_reset, ready)
     )
     yield
-
-
-def _keep() -> None:
-    """A resubscription keeps what is known: a rest ends on its own."""
 
 
 def _when(at: datetime) -> dict[str, str]:
