@@ -206,3 +206,26 @@ def test_the_last_point_s_label_ends_at_the_right_edge() -> None:
     assert anchors["Nov 01"] == "start"
     assert anchors["Nov 13"] == "middle"
     assert anchors["Nov 31"] == "end"
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (0, "0"),
+        (950, "950"),
+        (9500, "9,500"),
+        (25_000, "25k"),
+        (2_500_000, "2.5M"),
+        (1_200_000_000, "1.2B"),
+        (0.25, "0.25"),
+    ],
+)
+def test_axis_ticks_are_compact(value: float, shown: str) -> None:
+    assert charts.compact(value) == shown
+
+
+def test_tick_labels_of_large_values_fit_left_of_the_plot() -> None:
+    svg = line_chart("big", "Big", ["a", "b"], [Series("requests", [0, 2_400_000])])
+    ticks_shown = [t for t in texts(parse(svg), "text") if t and t[0].isdigit()]
+    assert "2.5M" in ticks_shown or "3M" in ticks_shown, ticks_shown
+    assert all(len(t) <= 6 for t in ticks_shown), ticks_shown

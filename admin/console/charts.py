@@ -87,6 +87,17 @@ def number(value: float | Decimal) -> str:
     return f"{amount:.4g}"
 
 
+def compact(value: float | Decimal) -> str:
+    """An axis tick: short enough for the margin left of the plot ("950", "9,500", "25k",
+    "2.5M", "1.2B")."""
+    amount = float(value)
+    for size, unit in ((1e9, "B"), (1e6, "M"), (1e4, "k")):
+        if abs(amount) >= size:
+            divisor = size if unit != "k" else 1e3
+            return f"{amount / divisor:.3g}{unit}"
+    return number(amount)
+
+
 def _short(label: str) -> str:
     return label if len(label) <= LABEL_CHARS else label[: LABEL_CHARS - 1] + "…"
 
@@ -168,7 +179,7 @@ def line_chart(
             Markup(
                 '<line x1="{0}" x2="{1}" y1="{2:.1f}" y2="{2:.1f}" stroke="#e3e6ec"/>'
                 '<text x="{3}" y="{4:.1f}" text-anchor="end">{5}</text>'
-            ).format(LEFT, width - RIGHT, y(tick), LEFT - 6, y(tick) + 4, number(tick))
+            ).format(LEFT, width - RIGHT, y(tick), LEFT - 6, y(tick) + 4, compact(tick))
         )
     step = math.ceil(count / MAX_X_LABELS)
     for i in range(0, count, step):
