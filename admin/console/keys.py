@@ -54,20 +54,6 @@ KEY_NOT_SHOWN: Final = "For safety the key you typed is not shown again: paste i
 Form = MultiDictProxy[Any]
 
 
-def _text(form: Form, name: str) -> str:
-    value = form.get(name)
-    return value if isinstance(value, str) else ""
-
-
-def _number(raw: str) -> object:
-    """An integer from a form field; the text itself when it is not one, for the API's own
-    check to name the problem."""
-    try:
-        return int(raw.strip())
-    except ValueError:
-        return raw
-
-
 def _metadata(raw: str) -> object:
     """The metadata textarea as JSON (None when empty); its fields are checked by the API."""
     if not raw.strip():
@@ -220,7 +206,7 @@ def _new_fields(secret: str, typed: dict[str, Any]) -> dict[str, Any]:
     if typed["name"].strip():
         fields["name"] = typed["name"]
     if typed["priority"].strip():
-        fields["priority"] = _number(typed["priority"])
+        fields["priority"] = page.form_number(typed["priority"])
     fields["metadata"] = _metadata(typed["metadata"])
     return fields
 
@@ -228,9 +214,9 @@ def _new_fields(secret: str, typed: dict[str, Any]) -> dict[str, Any]:
 async def add(request: web.Request) -> web.Response:
     user = await page.user(request)
     form = await request.post()
-    typed: dict[str, Any] = {name: _text(form, name) for name in NEW_KEY_DEFAULTS}
-    typed["enabled"] = _text(form, "enabled") == "on"
-    secret = _text(form, "key")
+    typed: dict[str, Any] = {name: page.form_text(form, name) for name in NEW_KEY_DEFAULTS}
+    typed["enabled"] = page.form_text(form, "enabled") == "on"
+    secret = page.form_text(form, "key")
     try:
         record = await keys_api.add_key(request, user, _new_fields(secret, typed))
     except FORM_ERRORS as exc:
@@ -325,7 +311,7 @@ def _edit_changes(record: KeyRecord, typed: dict[str, Any]) -> dict[str, Any]:
     wanted = {
         "name": typed["name"],
         "tier": typed["tier"],
-        "priority": _number(typed["priority"]),
+        "priority": page.form_number(typed["priority"]),
         "enabled": typed["enabled"],
         "metadata": _metadata(typed["metadata"]),
     }
@@ -336,9 +322,11 @@ def _edit_changes(record: KeyRecord, typed: dict[str, Any]) -> dict[str, Any]:
 async def edit(request: web.Request) -> web.Response:
     user, record = await _owned(request)
     form = await request.post()
-    typed: dict[str, Any] = {name: _text(form, name) for name in ("name", "tier", "priority")}
-    typed["metadata"] = _text(form, "metadata")
-    typed["enabled"] = _text(form, "enabled") == "on"
+    typed: dict[str, Any] = {
+        name: page.form_text(form, name) for name in ("name", "tier", "priority")
+    }
+    typed["metadata"] = page.form_text(form, "metadata")
+    typed["enabled"] = page.form_text(form, "enabled") == "on"
     try:
         changes = _edit_changes(record, typed)
         if not changes:
@@ -353,7 +341,9 @@ async def rotate(request: web.Request) -> web.Response:
     user, record = await _owned(request)
     form = await request.post()
     try:
-        updated = await keys_api.change_key(request, user, record.id, {"key": _text(form, "key")})
+        updated = await keys_api.change_key(
+            request, user, record.id, {"key": page.form_text(form, "key")}
+        )
     except FORM_ERRORS as exc:
         return await _detail_page(request, user, record, None, _errors(exc), _status(exc))
     return page.redirect(f"{BASE}/{record.id}", f"New secret stored ({updated.masked}).")

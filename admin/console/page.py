@@ -67,6 +67,21 @@ def redirect(location: str, notice: str | None = None) -> web.Response:
     return web.Response(status=303, headers={"Location": str(url)})
 
 
+def form_text(form: Mapping[str, Any], name: str) -> str:
+    """A form field's text ("" when absent, or a file upload where text belongs)."""
+    value = form.get(name)
+    return value if isinstance(value, str) else ""
+
+
+def form_number(raw: str) -> object:
+    """An integer from a form field; the text itself when it is not one, for the API's own
+    check to name the problem."""
+    try:
+        return int(raw.strip())
+    except ValueError:
+        return raw
+
+
 def field_errors(exc: WalletError) -> dict[str, str]:
     """An error as `{field: message}`, to show next to that field (`form` when it names
     none)."""

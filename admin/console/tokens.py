@@ -56,20 +56,6 @@ def token_status(record: tokens.TokenRecord, now: datetime) -> Status:
     return "active"
 
 
-def _text(form: Form, name: str) -> str:
-    value = form.get(name)
-    return value if isinstance(value, str) else ""
-
-
-def _number(raw: str) -> object:
-    """An integer from a form field; the text itself when it is not one, for the API's own
-    check to name the problem."""
-    try:
-        return int(raw.strip())
-    except ValueError:
-        return raw
-
-
 def body_from_form(typed: dict[str, Any]) -> dict[str, Any]:
     """The form's fields as the JSON values `POST /tokens` takes (empty optional fields are
     null), for `tokens_api.issue_token` to check as it checks the API's."""
@@ -86,7 +72,7 @@ def body_from_form(typed: dict[str, Any]) -> dict[str, Any]:
         if typed["budget_period"]:  # otherwise the API's default
             body["budget"]["period"] = typed["budget_period"]
     if typed["rate_limit"].strip():
-        body["rate_limit"] = _number(typed["rate_limit"])
+        body["rate_limit"] = page.form_number(typed["rate_limit"])
     return body
 
 
@@ -163,9 +149,9 @@ async def new_form(request: web.Request) -> web.Response:
 async def issue(request: web.Request) -> web.Response:
     user = await page.user(request)
     form = await request.post()
-    typed: dict[str, Any] = {name: _text(form, name) for name in FIELDS}
+    typed: dict[str, Any] = {name: page.form_text(form, name) for name in FIELDS}
     typed["services"] = [s for s in form.getall("services", []) if isinstance(s, str)]
-    typed["once"] = _text(form, session.ONCE_FIELD)
+    typed["once"] = page.form_text(form, session.ONCE_FIELD)
     # A reload of the page that showed the token posts this form again: it must not issue a
     # second live token that nobody copied.
     if not await session.claim_once(request, typed["once"]):
