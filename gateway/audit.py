@@ -20,7 +20,7 @@ from gateway.errors import ValidationFailed
 GENESIS: Final = "0" * 64
 # pg_advisory_xact_lock key serialising appends (held until the change commits).
 CHAIN_LOCK: Final = 0xA0D17
-LAST: Final = "SELECT seq, hash FROM audit_log ORDER BY seq DESC LIMIT 1"
+LAST: Final = "SELECT seq, hash, at FROM audit_log ORDER BY seq DESC LIMIT 1"
 INSERT: Final = """
 INSERT INTO audit_log (seq, at, actor_id, actor, action, target_type, target_id, source,
                        details, prev_hash, hash)

@@ -79,7 +79,6 @@ NOT_SERVING: Final = """SELECT id, service, name, status, enabled, updated_at FR
 WHERE ($1::uuid IS NULL OR owner_id = $1) AND ($2::text IS NULL OR service = $2)
   AND (status <> 'active' OR NOT enabled)
 ORDER BY updated_at DESC LIMIT $3"""
-AUDIT_HEAD: Final = "SELECT seq, at FROM audit_log ORDER BY seq DESC LIMIT 1"
 STATUS_REASONS: Final = {
     "invalid": "the upstream rejected it as invalid; set it back to active once fixed",
     "cooldown": "set to cooldown",
@@ -274,7 +273,7 @@ async def _audit_state(request: web.Request, user: User) -> dict[str, Any] | Non
     if not user.is_admin:
         return None
     async with request.app[POOL].acquire() as conn:
-        head = await conn.fetchrow(AUDIT_HEAD)
+        head = await conn.fetchrow(audit.LAST)
         verdict = await audit.verify(conn) if request.query.get("verify") == "1" else None
     return {
         "entries": head["seq"] if head else 0,
